@@ -1,0 +1,216 @@
+"""
+Unit tests of the echo protocols and the served-connection life cycle, on
+L{StringTransport} with a L{Clock}: events, folding, idle timeout.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import connectProtocol, frames
+from twisted_lab import events
+from twisted_lab.echo import EchoFactory, FramedEcho, Options, RawEcho
+
+
+def echoFactory(**settings) -> EchoFactory:
+    settings.setdefault("clock", Clock())
+    return EchoFactory(**settings)
+
+
+class FramedEchoTests(SynchronousTestCase):
+    def test_echoesFramesInOrder(self) -> None:
+        protocol, transport, _ = connectProtocol(echoFactory())
+        self.assertIsInstance(protocol, FramedEcho)
+        data = frames(b"one", b"", b"\x00\xffbinary")
+        protocol.dataReceived(data)
+        self.assertEqual(transport.value(), data)
+
+    def test_oneByteAtATime(self) -> None:
+        protocol, transport, _ = connectProtocol(echoFactory())
+        data = frames(b"hello", b"world")
+        for byte in data:
+            protocol.dataReceived(bytes([byte]))
+        self.assertEqual(transport.value(), data)
+
+    def test_partialFrameIsNotEchoedEarly(self) -> None:
+        protocol, transport, _ = connectProtocol(echoFactory())
+        data = frames(b"complete", b"partial")
+        protocol.dataReceived(data[:-3])
+        self.assertEqual(transport.value(), frames(b"complete"))
+        protocol.dataReceived(data[-3:])
+        self.assertEqual(transport.value(), data)
+
+    def test_oversizedHeaderAborts(self) -> None:
+        protocol, transport, recorder = connectProtocol(echoFactory(maxLength=16))
+        protocol.dataReceived(frames(b"ok") + b"\x00\x00\x00\x11")
+        self.assertEqual(transport.value(), frames(b"ok"))
+        self.assertTrue(transport.disconnected, "aborted, not closed politely")
+        [event] = recorder.named(events.FRAME_TOO_LONG)
+        self.assertEqual((event["length"], event["limit"]), (17, 16))
+        self.assertEqual(protocol.bufferedByteCount(), 0)
+        # Whatever the peer sends after that is ignored.
+        protocol.dataReceived(b"\x00" * 100)
+        self.assertEqual(transport.value(), frames(b"ok"))
+
+    def test_lifeCycleEvents(self) -> None:
+        factory = echoFactory()
+        protocol, _, recorder = connectProtocol(factory, "127.0.0.2", 5555)
+        self.assertEqual(factory.connections, {protocol})
+        protocol.dataReceived(frames(b"abc"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            recorder.names(),
+            [
+                events.CLIENT_CONNECTED,
+                events.DATA_RECEIVED,
+                events.DATA_SENT,
+                events.CLIENT_DISCONNECTED,
+            ],
+        )
+        received = recorder.named(events.DATA_RECEIVED)[0]
+        self.assertEqual((received["peer"], received["nbytes"]), ("127.0.0.2:5555", 7))
+        self.assertEqual(recorder.named(events.DATA_SENT)[0]["nbytes"], 7)
+        self.assertEqual(factory.connections, set())
+
+    def test_noPayloadInEvents(self) -> None:
+        protocol, _, recorder = connectProtocol(echoFactory())
+        protocol.dataReceived(frames(b"secret-payload"))
+        for event in recorder.events:
+            for value in event.values():
+                self.assertNotIn(b"secret-payload", repr(value).encode())
+                self.assertNotIn("secret-payload", repr(value))
+
+
+class RawEchoTests(SynchronousTestCase):
+    def test_echoesBytesAsTheyArrive(self) -> None:
+        protocol, transport, recorder = connectProtocol(echoFactory(framing="raw"))
+        self.assertIsInstance(protocol, RawEcho)
+        protocol.dataReceived(b"\x00\x00\x00\xff no framing")
+        self.assertEqual(transport.value(), b"\x00\x00\x00\xff no framing")
+        protocol.dataReceived(b"x")
+        self.assertEqual(transport.value(), b"\x00\x00\x00\xff no framingx")
+        self.assertEqual(len(recorder.named(events.DATA_SENT)), 2)
+
+    def test_unknownFraming(self) -> None:
+        self.assertRaises(ValueError, EchoFactory, framing="bogus")
+
+
+class DataEventFoldingTests(SynchronousTestCase):
+    """
+    Past the per-second limit, data events are folded into a summary whose
+    counts add up to what happened.
+    """
+
+    def test_foldsPastTheLimit(self) -> None:
+        clock = Clock()
+        factory = echoFactory(clock=clock, dataEventsPerSecond=10)
+        protocol, _, recorder = connectProtocol(factory)
+        for _ in range(30):
+            protocol.dataReceived(frames(b"x"))
+        # 30 reads and 30 writes: the first 10 events are logged one by one.
+        individual = recorder.named(events.DATA_RECEIVED) + recorder.named(
+            events.DATA_SENT
+        )
+        self.assertEqual(len(individual), 10)
+        self.assertEqual(recorder.named(events.DATA_SUMMARY), [])
+        clock.advance(1.0)
+        [summary] = recorder.named(events.DATA_SUMMARY)
+        logged_reads = len(recorder.named(events.DATA_RECEIVED))
+        logged_writes = len(recorder.named(events.DATA_SENT))
+        self.assertEqual(summary["reads"] + logged_reads, 30)
+        self.assertEqual(summary["writes"] + logged_writes, 30)
+        self.assertEqual(summary["bytes_received"], summary["reads"] * 5)
+        self.assertEqual(summary["bytes_sent"], summary["writes"] * 5)
+        # A new second logs individually again.
+        protocol.dataReceived(frames(b"y"))
+        self.assertEqual(len(recorder.named(events.DATA_RECEIVED)), logged_reads + 1)
+
+    def test_remainderReportedOnDisconnect(self) -> None:
+        clock = Clock()
+        factory = echoFactory(clock=clock, dataEventsPerSecond=2)
+        protocol, _, recorder = connectProtocol(factory)
+        for _ in range(5):
+            protocol.dataReceived(frames(b"x"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        [summary] = recorder.named(events.DATA_SUMMARY)
+        self.assertEqual(summary["reads"] + summary["writes"], 10 - 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_neverFoldWhenDisabled(self) -> None:
+        factory = echoFactory(dataEventsPerSecond=None)
+        protocol, _, recorder = connectProtocol(factory)
+        for _ in range(50):
+            protocol.dataReceived(frames(b"x"))
+        self.assertEqual(len(recorder.named(events.DATA_RECEIVED)), 50)
+        self.assertEqual(recorder.named(events.DATA_SUMMARY), [])
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    def test_idleConnectionIsClosed(self) -> None:
+        clock = Clock()
+        protocol, transport, recorder = connectProtocol(
+            echoFactory(clock=clock, idleTimeout=30)
+        )
+        clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(recorder.named(events.IDLE_TIMEOUT)), 1)
+
+    def test_activityPostponesTheTimeout(self) -> None:
+        clock = Clock()
+        protocol, transport, _ = connectProtocol(
+            echoFactory(clock=clock, idleTimeout=30)
+        )
+        for _ in range(5):
+            clock.advance(20)
+            protocol.dataReceived(frames(b"still here"))
+        self.assertFalse(transport.disconnecting)
+        clock.advance(30)
+        self.assertTrue(transport.disconnecting)
+
+    def test_timerCancelledOnDisconnect(self) -> None:
+        clock = Clock()
+        protocol, _, _ = connectProtocol(echoFactory(clock=clock, idleTimeout=30))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_noTimeout(self) -> None:
+        clock = Clock()
+        connectProtocol(echoFactory(clock=clock, idleTimeout=None))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["endpoint"], "tcp:9090:interface=127.0.0.1")
+        self.assertEqual(options["max-length"], 1024 * 1024)
+        self.assertEqual(options["framing"], "int32")
+
+    def test_ipv6Interface(self) -> None:
+        options = Options()
+        options.parseOptions(["--interface", "::1", "--port", "0"])
+        self.assertEqual(options["endpoint"], r"tcp6:0:interface=\:\:1")
+
+    def test_listenOverrides(self) -> None:
+        options = Options()
+        options.parseOptions(["--listen", "tcp6:9999", "--port", "1"])
+        self.assertEqual(options["endpoint"], "tcp6:9999")
+
+    def test_badValues(self) -> None:
+        from twisted.python.usage import UsageError
+
+        for argv in (
+            ["--port", "70000"],
+            ["--port", "x"],
+            ["--max-length", "0"],
+            ["--idle-timeout", "-1"],
+            ["--framing", "lines"],
+            ["--data-events-per-second", "-3"],
+        ):
+            self.assertRaises(UsageError, Options().parseOptions, argv)

@@ -1,0 +1,16 @@
+"""
+twistd plugins for the netlab services: C{twistd -n netlab-echo} and friends.
+
+Kept tiny on purpose: twistd imports every plugin file to list them, so this
+module names each service's module and imports nothing heavy (never the
+reactor).
+"""
+
+from twisted.application.service import ServiceMaker
+
+netlabEcho = ServiceMaker(
+    "netlab echo server",
+    "twisted_lab.echo",
+    "Echo Int32-framed messages (or raw bytes) back to the sender.",
+    "netlab-echo",
+)

@@ -1,0 +1,292 @@
+"""
+The C{netlab} command: a client for every netlab service.
+
+C{netlab echo [--host H] [--port P] [MESSAGE ...]} sends each message as one
+frame and prints each reply on standard output; what happens on the
+connection (connected, sent, received, disconnected) is reported on
+standard error unless C{--quiet}.  When host or port are not given and
+standard input is a terminal, it asks for them, offering the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from twisted.internet import defer, error
+from twisted.internet.task import react
+
+from twisted_lab import __version__
+from twisted_lab.client import FrameClient, connect
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORTS = {"echo": 9090, "identity": 9091, "auth": 9092, "chat": 9093}
+
+
+class Abort(Exception):
+    """
+    A failure to report on one line and exit with C{code}, no traceback.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- asking for what was not given ------------------------------------------
+
+
+def validPort(text: str) -> int:
+    """
+    C{text} as a TCP port number, or L{ValueError} saying why not.
+    """
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{port} is not between 1 and 65535")
+    return port
+
+
+def validHost(text: str) -> str:
+    """
+    C{text} as a host name or address that resolves, or L{ValueError}.
+    """
+    host = text.strip()
+    if not host:
+        raise ValueError("the host name is empty")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"cannot resolve {host!r}: {e}") from None
+    return host
+
+
+def askUntilValid(
+    question: str,
+    default: str,
+    validate: Callable[[str], Any],
+    ask: Callable[[str], str] = input,
+    out: TextIO = sys.stderr,
+) -> Any:
+    """
+    Ask C{question} until the answer validates; Enter accepts C{default}.
+    End of input (Ctrl-D) or Ctrl-C stops with L{Abort}.
+    """
+    while True:
+        try:
+            answer = ask(f"{question} [{default}]: ")
+        except (EOFError, KeyboardInterrupt):
+            raise Abort("no answer; giving up", code=2) from None
+        try:
+            return validate(answer if answer.strip() else default)
+        except ValueError as e:
+            print(f"  {e}; please try again.", file=out)
+
+
+def resolveTarget(
+    host: str | None,
+    port: int | None,
+    defaultPort: int,
+    interactive: bool,
+    ask: Callable[[str], str] = input,
+    out: TextIO = sys.stderr,
+) -> tuple[str, int]:
+    """
+    Host and port to use: as given, else asked for (on a terminal), else
+    the defaults.
+    """
+    if host is None:
+        host = (
+            askUntilValid("Host", DEFAULT_HOST, validHost, ask, out)
+            if interactive
+            else DEFAULT_HOST
+        )
+    if port is None:
+        port = (
+            askUntilValid("Port", str(defaultPort), validPort, ask, out)
+            if interactive
+            else defaultPort
+        )
+    return host, port
+
+
+# -- reading standard input without blocking the reactor ---------------------
+
+
+def readLine(reactor: Any, prompt: str | None) -> defer.Deferred[bytes | None]:
+    """
+    One line of standard input, without its newline, or L{None} at end of
+    input.  With a C{prompt}, read with L{input} (line editing on a
+    terminal).  The read runs in a daemon thread: a person who never
+    answers must not keep the process alive after the connection is gone.
+    """
+    d: defer.Deferred[bytes | None] = defer.Deferred()
+
+    def work() -> None:
+        line: bytes | None
+        try:
+            if prompt is not None:
+                line = input(prompt).encode("utf-8", "surrogateescape")
+            else:
+                raw = sys.stdin.buffer.readline()
+                line = raw[:-1] if raw.endswith(b"\n") else raw
+                if not raw:
+                    line = None
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        reactor.callFromThread(d.callback, line)
+
+    threading.Thread(target=work, name="netlab-stdin", daemon=True).start()
+    return d
+
+
+# -- the reporter -------------------------------------------------------------
+
+
+def reporter(quiet: bool, stream: TextIO = sys.stderr) -> Callable[[str], None]:
+    """
+    Where connection events go: one line each on standard error.
+    """
+
+    def report(line: str) -> None:
+        if not quiet:
+            print(f"* {line}", file=stream, flush=True)
+
+    return report
+
+
+async def connectOrAbort(
+    reactor: Any, host: str, port: int, client: FrameClient, timeout: float
+) -> FrameClient:
+    """
+    L{connect}, turning the usual failures into a one-line L{Abort}.
+    """
+    try:
+        return await connect(reactor, host, port, client, timeout)
+    except error.ConnectionRefusedError:
+        raise Abort(
+            f"cannot connect to {host}:{port}: connection refused "
+            "(is the server running?)"
+        ) from None
+    except error.DNSLookupError:
+        raise Abort(f"cannot connect to {host}:{port}: unknown host") from None
+    except error.TimeoutError:
+        raise Abort(f"cannot connect to {host}:{port}: timed out") from None
+    except error.ConnectError as e:
+        raise Abort(f"cannot connect to {host}:{port}: {e}") from None
+
+
+def writeReply(payload: bytes, out: Any = None) -> None:
+    """
+    Print one reply on standard output, byte for byte, then a newline.
+    """
+    stream = out if out is not None else sys.stdout.buffer
+    stream.write(payload + b"\n")
+    stream.flush()
+
+
+# -- echo -------------------------------------------------------------------
+
+
+async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
+    """
+    The C{netlab echo} command.
+    """
+    client = FrameClient(reporter(options.quiet))
+    await connectOrAbort(reactor, options.host, options.port, client, options.timeout)
+    try:
+        if options.message:
+            for message in options.message:
+                payload = message.encode("utf-8", "surrogateescape")
+                writeReply(await client.request(payload))
+        else:
+            prompt = "echo> " if options.interactive else None
+            while True:
+                line = await readLine(reactor, prompt)
+                if line is None or (options.interactive and line == b"/quit"):
+                    break
+                writeReply(await client.request(line))
+    except (error.ConnectionDone, error.ConnectionLost) as e:
+        raise Abort(f"connection lost: {e}") from None
+    await client.close()
+    return 0
+
+
+# -- argument parsing and main ----------------------------------------------
+
+
+def buildParser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netlab",
+        description="Client for the netlab services (echo, identity, auth, chat).",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, service: str) -> None:
+        sub.add_argument(
+            "--host", help=f"server host (default {DEFAULT_HOST}, asked on a terminal)"
+        )
+        sub.add_argument(
+            "--port",
+            type=_portArgument,
+            help=f"server port (default {DEFAULT_PORTS[service]}, asked on a terminal)",
+        )
+        sub.add_argument(
+            "--quiet", "-q", action="store_true", help="do not report events on stderr"
+        )
+        sub.add_argument(
+            "--timeout", type=float, default=10.0, help="connect timeout in seconds"
+        )
+
+    echo = commands.add_parser(
+        "echo",
+        help="send messages to netlab-echo and print the replies",
+        description="Send each MESSAGE (or each line of standard input) as one "
+        "frame and print each reply.  On a terminal with no MESSAGE, it is "
+        "interactive until end of input or /quit.",
+    )
+    common(echo, "echo")
+    echo.add_argument("message", nargs="*", metavar="MESSAGE")
+    echo.set_defaults(run=runEcho)
+    return parser
+
+
+def _portArgument(text: str) -> int:
+    try:
+        return validPort(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """
+    Entry point of the C{netlab} command.
+    """
+    options = buildParser().parse_args(argv)
+    interactive = sys.stdin.isatty()
+    try:
+        options.host, options.port = resolveTarget(
+            options.host, options.port, DEFAULT_PORTS[options.command], interactive
+        )
+    except Abort as e:
+        print(f"netlab: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
+    options.interactive = interactive and not getattr(options, "message", None)
+
+    async def run(reactor: Any) -> None:
+        try:
+            code = await options.run(reactor, options)
+        except Abort as e:
+            print(f"netlab: {e}", file=sys.stderr)
+            code = e.code
+        if code:
+            raise SystemExit(code)
+
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))

@@ -1,0 +1,138 @@
+"""
+A Deferred-based netlab client: connect, send frames, await frames.
+
+L{FrameClient} turns the push model of a protocol into calls a client
+program can wait on: C{send(payload)}, C{receive()} (the next frame, queued
+if it came before anyone asked), C{request(payload)} (both).  Each service's
+client (echo, identity, auth, chat) builds on it.  It reports what happens
+(connected, sent, received, disconnected) to an optional C{report}
+callable, which the command-line client prints on standard error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from twisted_lab.framing import FrameReceiver
+
+Report = Callable[[str], None]
+
+#: The client accepts frames this large by default: it only receives what it
+#: asked for, so the limit guards against a broken server, not a hostile one.
+CLIENT_MAX_LENGTH = 64 * 1024 * 1024
+
+
+def _silent(line: str) -> None:
+    """
+    The default reporter: says nothing.
+    """
+
+
+class FrameClient(FrameReceiver):
+    """
+    Client side of an Int32-framed connection, with Deferreds.
+    """
+
+    MAX_LENGTH = CLIENT_MAX_LENGTH
+
+    def __init__(self, report: Report = _silent, label: str = "") -> None:
+        self.report = report
+        self.label = label
+        self._frames: deque[bytes] = deque()
+        self._waiting: deque[defer.Deferred[bytes]] = deque()
+        self._lostReason: Failure | None = None
+        #: Fires (with None) once the connection is closed, for any reason;
+        #: the reason is in C{lostReason}.
+        self.disconnected: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if not self.label:
+            peer = self.transport.getPeer()
+            self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.report(f"connected to {self.label}")
+
+    def stringReceived(self, frame: bytes) -> None:
+        self.report(f"received {len(frame)} bytes")
+        if self._waiting:
+            self._waiting.popleft().callback(frame)
+        else:
+            self._frames.append(frame)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.report(f"server announced a {length}-byte frame; giving up")
+        self.transport.abortConnection()
+
+    def send(self, payload: bytes) -> None:
+        """
+        Send one frame.
+        """
+        self.sendString(payload)
+        self.report(f"sent {len(payload)} bytes")
+
+    def receive(self) -> defer.Deferred[bytes]:
+        """
+        The next frame from the server; fails with the disconnection reason
+        if the connection is (or becomes) closed first.
+        """
+        if self._frames:
+            return defer.succeed(self._frames.popleft())
+        if self._lostReason is not None:
+            return defer.fail(self._lostReason)
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def request(self, payload: bytes) -> defer.Deferred[bytes]:
+        """
+        Send C{payload} and wait for the next frame.
+        """
+        self.send(payload)
+        return self.receive()
+
+    @property
+    def lostReason(self) -> Failure | None:
+        """
+        Why the connection closed, once it has.
+        """
+        return self._lostReason
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Close the connection; fires when it is closed.
+        """
+        self.transport.loseConnection()
+        return self.disconnected
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._lostReason = reason
+        if reason.check(ConnectionDone):
+            self.report("disconnected")
+        else:
+            self.report(f"disconnected: {reason.getErrorMessage()}")
+        waiting, self._waiting = self._waiting, deque()
+        for d in waiting:
+            d.errback(reason)
+        self.disconnected.callback(None)
+
+
+async def connect(
+    reactor: Any,
+    host: str,
+    port: int,
+    client: FrameClient,
+    timeout: float = 10.0,
+) -> FrameClient:
+    """
+    Connect C{client} to C{host}:C{port} (names resolved without blocking,
+    IPv4 and IPv6 tried as RFC 8305 says).
+    """
+    client.label = f"{host}:{port}"
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    await connectProtocol(endpoint, client)
+    return client

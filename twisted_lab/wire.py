@@ -1,0 +1,140 @@
+"""
+A blocking socket that speaks netlab frames, for scripts without a reactor.
+
+L{FramedSocket} is a L{socket.socket}, so everything a socket does still
+works (timeouts, C{with}, C{settimeout}); it adds messages with a 4-byte
+big-endian length header::
+
+    with FramedSocket.connect_to("localhost", 9090) as s:
+        s.send_message("hello")
+        assert s.recv_message() == b"hello"
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+HEADER = struct.Struct("!I")
+DEFAULT_MAX_LENGTH = 64 * 1024 * 1024
+
+
+class ConnectionClosed(EOFError):
+    """
+    The peer closed the connection before a whole frame arrived.
+    """
+
+
+class FrameTooLong(ValueError):
+    """
+    A frame header announced more bytes than this socket accepts.
+    """
+
+
+class FramedSocket(socket.socket):
+    """
+    A TCP socket that sends and receives length-prefixed messages.
+    """
+
+    def __init__(
+        self,
+        family: int = socket.AF_INET,
+        type: int = socket.SOCK_STREAM,
+        proto: int = 0,
+        fileno: int | None = None,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self.max_length = max_length
+
+    @classmethod
+    def connect_to(
+        cls,
+        host: str,
+        port: int,
+        timeout: float | None = 10.0,
+        *,
+        source_address: tuple[str, int] | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> FramedSocket:
+        """
+        Connect to the first address of C{host} that answers, like
+        L{socket.create_connection}, and return the connected socket.
+        """
+        last: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        ):
+            sock = cls(family, kind, proto, max_length=max_length)
+            try:
+                sock.settimeout(timeout)
+                if source_address is not None:
+                    sock.bind(source_address)
+                sock.connect(address)
+                return sock
+            except OSError as e:
+                last = e
+                sock.close()
+        raise last if last is not None else OSError(f"no address for {host}")
+
+    def send_message(self, message: str | bytes) -> None:
+        """
+        Send one frame; a C{str} is sent as UTF-8.
+        """
+        payload = message.encode("utf-8") if isinstance(message, str) else message
+        if len(payload) > 0xFFFFFFFF:
+            raise FrameTooLong(f"{len(payload)} bytes do not fit in one frame")
+        self.sendall(HEADER.pack(len(payload)))
+        self.sendall(payload)
+
+    def recv_message(self) -> bytes:
+        """
+        Receive exactly one frame's payload.
+
+        @raise ConnectionClosed: the peer closed before a whole frame came.
+        @raise FrameTooLong: the header announced more than C{max_length}.
+        """
+        (length,) = HEADER.unpack(self._recv_exactly(HEADER.size, "header"))
+        if length > self.max_length:
+            raise FrameTooLong(
+                f"peer announced a {length}-byte frame; the limit is "
+                f"{self.max_length}"
+            )
+        return self._recv_exactly(length, "payload")
+
+    def recv_text(self, encoding: str = "utf-8") -> str:
+        """
+        Receive one frame and decode it.
+        """
+        return self.recv_message().decode(encoding)
+
+    def send_json(self, obj: Any) -> None:
+        """
+        Send C{obj} as one compact JSON frame.
+        """
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        self.send_message(text)
+
+    def recv_json(self) -> Any:
+        """
+        Receive one frame and parse it as JSON.
+        """
+        return json.loads(self.recv_message())
+
+    def _recv_exactly(self, count: int, what: str) -> bytes:
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        got = 0
+        while got < count:
+            n = self.recv_into(view[got:])
+            if n == 0:
+                if what == "header" and got == 0:
+                    raise ConnectionClosed("connection closed by peer")
+                raise ConnectionClosed(
+                    f"connection closed after {got} of {count} {what} bytes"
+                )
+            got += n
+        return bytes(buffer)
