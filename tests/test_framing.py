@@ -160,7 +160,7 @@ class FramingPropertyTests(SynchronousTestCase):
         data = frames(*payloads)
         points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
         protocol, _ = receiver(maxLength=1000)
-        for start, end in zip(points, points[1:]):
+        for start, end in zip(points, points[1:], strict=False):
             protocol.dataReceived(data[start:end])
         self.assertEqual(protocol.received, payloads)
         self.assertEqual(protocol.bufferedByteCount(), 0)

@@ -12,11 +12,13 @@ callable, which the command-line client prints on standard error.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from twisted_lab.framing import FrameReceiver
@@ -109,7 +111,7 @@ class FrameClient(FrameReceiver):
         self.transport.loseConnection()
         return self.disconnected
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lostReason = reason
         if reason.check(ConnectionDone):
             self.report("disconnected")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IAddress
 from twisted.python.usage import UsageError
 
 from twisted_lab.server import (
@@ -62,7 +63,11 @@ class EchoFactory(ServerFactory):
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}")
         self.framing = framing
-        self.protocol = FRAMINGS[framing]
+
+    def buildProtocol(self, addr: IAddress | None) -> ServedConnection:
+        protocol = FRAMINGS[self.framing]()
+        protocol.factory = self
+        return protocol
 
 
 FRAMINGS: dict[str, type[ServedConnection]] = {"int32": FramedEcho, "raw": RawEcho}

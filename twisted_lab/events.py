@@ -134,9 +134,7 @@ class DataEventMeter:
         if self._count <= limit:
             return True
         if self._timer is None:
-            self._timer = self._clock.callLater(
-                self._windowEnd - now, self._timerFired
-            )
+            self._timer = self._clock.callLater(self._windowEnd - now, self._timerFired)
         return False
 
     def _timerFired(self) -> None:

@@ -21,6 +21,7 @@ C{sendString}, C{MAX_LENGTH}, C{lengthLimitExceeded}) but:
 from __future__ import annotations
 
 from struct import Struct
+from typing import Any
 
 from twisted.protocols.basic import Int32StringReceiver, StringTooLongError
 
@@ -48,6 +49,10 @@ class FrameReceiver(Int32StringReceiver):
     """
 
     MAX_LENGTH = 1024 * 1024
+
+    # A connected TCP or TLS transport.  Twisted's interfaces do not declare
+    # the C{disconnecting} flag that every such transport has, hence Any.
+    transport: Any
 
     # The incomplete tail of the stream, and how many bytes it must reach
     # before it can hold a complete frame again.  Class-level defaults keep

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -53,7 +53,7 @@ def describePeer(address: IAddress) -> str:
     return f"{host}:{port}"
 
 
-class ServerFactory(Factory):
+class ServerFactory(Factory["ServedConnection"]):
     """
     Shared state of one server: its settings, clock and live connections.
 
@@ -127,6 +127,7 @@ class ServedConnection(Protocol):
     """
 
     factory: ServerFactory
+    transport: Any  # a connected transport; see FrameReceiver.transport
     peer = "?"
     meter: DataEventMeter
     _idleCall: IDelayedCall | None = None
@@ -195,7 +196,7 @@ class ServedConnection(Protocol):
         Hook: the server is stopping and will close this connection.
         """
 
-    def connectionLost(self, reason: Failure = Failure(Exception("unknown"))) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idleCall is not None:
             if self._idleCall.active():
                 self._idleCall.cancel()
@@ -388,9 +389,7 @@ class NetlabService(service.Service):
         )
         if failure.check(CannotListenError) and not self.portFallback:
             message += " (and --no-port-fallback was given)"
-        self.log.critical(
-            "{message}", event=events.LISTEN_FAILED, message=message
-        )
+        self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
         return message
 
     def _failedLate(self, failure: Failure) -> None:
@@ -515,8 +514,7 @@ class ServerOptions(usage.Options):
             "idle-timeout",
             None,
             300.0,
-            "Close a connection that sent nothing for this many seconds "
-            "(0: never).",
+            "Close a connection that sent nothing for this many seconds (0: never).",
             nonNegativeFloat,
         ],
         [
@@ -569,4 +567,3 @@ class ServerOptions(usage.Options):
             portFile=self["port-file"],
             eventLog=self["event-log"],
         )
-

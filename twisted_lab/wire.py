@@ -100,8 +100,7 @@ class FramedSocket(socket.socket):
         (length,) = HEADER.unpack(self._recv_exactly(HEADER.size, "header"))
         if length > self.max_length:
             raise FrameTooLong(
-                f"peer announced a {length}-byte frame; the limit is "
-                f"{self.max_length}"
+                f"peer announced a {length}-byte frame; the limit is {self.max_length}"
             )
         return self._recv_exactly(length, "payload")
 

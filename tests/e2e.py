@@ -1,0 +1,159 @@
+"""
+Running the real programs for end-to-end tests: C{twistd} with a netlab
+plugin in a subprocess, and the real C{netlab} client.
+
+Waiting here is polling with L{deferLater} for something a separate process
+does (a port file appearing, a process exiting), bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.helpers import BIN, subprocessEnv
+
+DEADLINE = 20.0
+
+
+async def pause(seconds: float = 0.05) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+def netlabCommand() -> list[str]:
+    script = BIN / "netlab"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "twisted_lab"]
+
+
+async def runNetlab(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[bytes, bytes, int]:
+    """
+    Run the real C{netlab} command; returns (stdout, stderr, exit code).
+    Standard input is a pipe (not a terminal), so nothing is asked.
+    """
+    command = netlabCommand()
+    if stdin is not None:
+        # getProcessOutputAndValue has no stdin: let a shell feed it.
+        shell = 'printf \'%s\' "$NETLAB_STDIN" | exec "$@"'
+        env = dict(env or subprocessEnv(), NETLAB_STDIN=stdin.decode())
+        command = ["/bin/sh", "-c", shell, "sh"] + command
+    out, err, code = await getProcessOutputAndValue(
+        command[0], command[1:] + list(args), env=env or subprocessEnv()
+    )
+    return out, err, code
+
+
+class Server:
+    """
+    One real C{twistd} process running a netlab plugin.
+    """
+
+    def __init__(self, workdir: Path, plugin: str, *options: str) -> None:
+        self.workdir = workdir
+        self.plugin = plugin
+        self.options = list(options)
+        self.logFile = workdir / f"{plugin}.log"
+        self.eventLog = workdir / f"{plugin}.events.jsonl"
+        self.portFile = workdir / f"{plugin}.port"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def command(self, daemon: bool = False) -> list[str]:
+        twistd = [str(BIN / "twistd")]
+        if daemon:
+            twistd += ["--pidfile", str(self.workdir / "twistd.pid")]
+        else:
+            twistd += ["-n", "--pidfile", ""]
+        return (
+            twistd
+            + ["--logfile", str(self.logFile), self.plugin]
+            + ["--port-file", str(self.portFile), "--event-log", str(self.eventLog)]
+            + self.options
+        )
+
+    async def start(self, daemon: bool = False) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.portFile.exists():
+            self.portFile.unlink()
+        self.process = subprocess.Popen(
+            self.command(daemon),
+            cwd=self.workdir,
+            env=subprocessEnv(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        waited = 0.0
+        while not self.portFile.exists():
+            if not daemon and self.process.poll() is not None:
+                raise AssertionError(f"twistd exited early:\n{self.output()}")
+            if waited > DEADLINE:
+                raise AssertionError(f"no port file after {DEADLINE} s:\n{self.log()}")
+            await pause()
+            waited += 0.05
+        self.port = int(self.portFile.read_text())
+        return self
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        """
+        Send C{sig} and wait for the process to exit; its exit status.
+        """
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return await self.wait()
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        waited = 0.0
+        while self.process.poll() is None:
+            if waited > DEADLINE:
+                self.process.kill()
+                raise AssertionError(f"twistd did not exit:\n{self.log()}")
+            await pause()
+            waited += 0.05
+        return self.process.returncode
+
+    def cleanup(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def output(self) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        if self.process.poll() is None:
+            return ""
+        return self.process.stdout.read().decode(errors="replace")
+
+    def log(self) -> str:
+        return self.logFile.read_text() if self.logFile.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.eventLog.exists():
+            return []
+        with self.eventLog.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def eventNames(self) -> list[str]:
+        return [e["event"] for e in self.events() if "event" in e]
+
+
+def pidAlive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

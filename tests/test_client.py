@@ -1,0 +1,122 @@
+"""
+Unit tests of the Deferred-based client and the command-line prompts.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import frames
+from twisted_lab.cli import Abort, resolveTarget, validHost, validPort
+from twisted_lab.client import FrameClient
+
+
+class FrameClientTests(SynchronousTestCase):
+    def client(self) -> tuple[FrameClient, StringTransport, list[str]]:
+        reports: list[str] = []
+        client = FrameClient(reports.append, label="test:1")
+        transport = StringTransport()
+        client.makeConnection(transport)
+        return client, transport, reports
+
+    def test_requestAndReply(self) -> None:
+        client, transport, reports = self.client()
+        d = client.request(b"hi")
+        self.assertEqual(transport.value(), frames(b"hi"))
+        self.assertNoResult(d)
+        client.dataReceived(frames(b"hi"))
+        self.assertEqual(self.successResultOf(d), b"hi")
+        self.assertEqual(
+            reports, ["connected to test:1", "sent 2 bytes", "received 2 bytes"]
+        )
+
+    def test_earlyFramesAreQueued(self) -> None:
+        client, _, _ = self.client()
+        client.dataReceived(frames(b"one", b"two"))
+        self.assertEqual(self.successResultOf(client.receive()), b"one")
+        self.assertEqual(self.successResultOf(client.receive()), b"two")
+
+    def test_waitersFailOnDisconnect(self) -> None:
+        client, _, reports = self.client()
+        d = client.receive()
+        client.connectionLost(Failure(ConnectionLost("reset")))
+        self.failureResultOf(d, ConnectionLost)
+        self.failureResultOf(client.receive(), ConnectionLost)
+        self.assertIsNone(self.successResultOf(client.disconnected))
+        self.assertTrue(reports[-1].startswith("disconnected: "))
+
+    def test_cleanDisconnect(self) -> None:
+        client, _, reports = self.client()
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(reports[-1], "disconnected")
+
+
+class PromptTests(SynchronousTestCase):
+    def answers(self, *replies: str):
+        queue = list(replies)
+        asked: list[str] = []
+
+        def ask(question: str) -> str:
+            asked.append(question)
+            if not queue:
+                raise EOFError
+            return queue.pop(0)
+
+        return ask, asked
+
+    def test_validPort(self) -> None:
+        self.assertEqual(validPort(" 9090 "), 9090)
+        for bad in ("x", "0", "65536", "-1", ""):
+            self.assertRaises(ValueError, validPort, bad)
+
+    def test_validHost(self) -> None:
+        self.assertEqual(validHost("localhost"), "localhost")
+        self.assertEqual(validHost("127.0.0.1"), "127.0.0.1")
+        self.assertRaises(ValueError, validHost, "")
+        self.assertRaises(ValueError, validHost, "no such host.invalid")
+
+    def test_enterAcceptsDefaults(self) -> None:
+        ask, asked = self.answers("", "")
+        self.assertEqual(
+            resolveTarget(None, None, 9090, True, ask, io.StringIO()),
+            ("localhost", 9090),
+        )
+        self.assertEqual(asked, ["Host [localhost]: ", "Port [9090]: "])
+
+    def test_asksAgainOnInvalidInput(self) -> None:
+        ask, asked = self.answers("bad host.invalid", "127.0.0.1", "http", "99999", "7")
+        out = io.StringIO()
+        self.assertEqual(
+            resolveTarget(None, None, 9090, True, ask, out), ("127.0.0.1", 7)
+        )
+        self.assertEqual(len(asked), 5)
+        messages = out.getvalue()
+        self.assertIn("cannot resolve", messages)
+        self.assertIn("is not a number", messages)
+        self.assertIn("not between 1 and 65535", messages)
+
+    def test_givenValuesAreNotAsked(self) -> None:
+        ask, asked = self.answers()
+        self.assertEqual(
+            resolveTarget("h", 1, 9090, True, ask, io.StringIO()), ("h", 1)
+        )
+        self.assertEqual(asked, [])
+
+    def test_noTerminalUsesDefaults(self) -> None:
+        ask, asked = self.answers()
+        self.assertEqual(
+            resolveTarget(None, None, 9091, False, ask, io.StringIO()),
+            ("localhost", 9091),
+        )
+        self.assertEqual(asked, [])
+
+    def test_endOfInputAborts(self) -> None:
+        ask, _ = self.answers()
+        with self.assertRaises(Abort) as raised:
+            resolveTarget(None, None, 9090, True, ask, io.StringIO())
+        self.assertEqual(raised.exception.code, 2)
