@@ -5,6 +5,8 @@ L{StringTransport} with a L{Clock}: events, folding, idle timeout.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -35,13 +37,33 @@ class FramedEchoTests(SynchronousTestCase):
             protocol.dataReceived(bytes([byte]))
         self.assertEqual(transport.value(), data)
 
-    def test_partialFrameIsNotEchoedEarly(self) -> None:
+    def test_payloadStreamsOnceHeaderIsChecked(self) -> None:
+        """
+        The payload of a checked header goes back as it arrives; nothing of
+        a large frame is buffered.
+        """
         protocol, transport, _ = connectProtocol(echoFactory())
-        data = frames(b"complete", b"partial")
-        protocol.dataReceived(data[:-3])
-        self.assertEqual(transport.value(), frames(b"complete"))
-        protocol.dataReceived(data[-3:])
+        data = frames(b"complete", b"x" * 1000)
+        protocol.dataReceived(data[:-300])
+        self.assertEqual(transport.value(), data[:-300])
+        protocol.dataReceived(data[-300:])
         self.assertEqual(transport.value(), data)
+
+    def test_splitHeaderIsHeldUntilChecked(self) -> None:
+        """
+        A header split between reads is not echoed until it is complete and
+        checked: an oversized header is never echoed, even in part.
+        """
+        protocol, transport, _ = connectProtocol(echoFactory(maxLength=16))
+        protocol.dataReceived(frames(b"ok") + b"\x00\x00")
+        self.assertEqual(transport.value(), frames(b"ok"))
+        protocol.dataReceived(b"\x00\x05abc")
+        self.assertEqual(transport.value(), frames(b"ok") + b"\x00\x00\x00\x05abc")
+        protocol.dataReceived(b"de\x00")
+        protocol.dataReceived(b"\x00\x01")
+        protocol.dataReceived(b"\x00")  # 65536 > 16
+        self.assertEqual(transport.value(), frames(b"ok", b"abcde"))
+        self.assertTrue(transport.disconnected)
 
     def test_oversizedHeaderAborts(self) -> None:
         protocol, transport, recorder = connectProtocol(echoFactory(maxLength=16))
@@ -50,7 +72,6 @@ class FramedEchoTests(SynchronousTestCase):
         self.assertTrue(transport.disconnected, "aborted, not closed politely")
         [event] = recorder.named(events.FRAME_TOO_LONG)
         self.assertEqual((event["length"], event["limit"]), (17, 16))
-        self.assertEqual(protocol.bufferedByteCount(), 0)
         # Whatever the peer sends after that is ignored.
         protocol.dataReceived(b"\x00" * 100)
         self.assertEqual(transport.value(), frames(b"ok"))
@@ -214,3 +235,22 @@ class OptionsTests(SynchronousTestCase):
             ["--data-events-per-second", "-3"],
         ):
             self.assertRaises(UsageError, Options().parseOptions, argv)
+
+
+class EchoPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payloads=st.lists(st.binary(max_size=200), max_size=10),
+        cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=20),
+    )
+    def test_anySplitEchoesTheStream(self, payloads, cuts) -> None:
+        """
+        However the frames are split into reads, the echo is the stream.
+        """
+        data = frames(*payloads)
+        points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        protocol, transport, _ = connectProtocol(echoFactory(maxLength=500))
+        for start, end in zip(points, points[1:], strict=False):
+            protocol.dataReceived(data[start:end])
+        self.assertEqual(transport.value(), data)
+        self.assertFalse(transport.disconnecting)
