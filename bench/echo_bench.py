@@ -109,7 +109,9 @@ def buildLoadgen(workdir: Path) -> Path:
     return Path(out.stdout.decode().strip())
 
 
-def loadgen(binary: Path, port: int, size: int, conns: int, window: int, duration: float):
+def loadgen(
+    binary: Path, port: int, size: int, conns: int, window: int, duration: float
+):
     command = [
         str(binary),
         "--port", str(port),

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers import REPO
 
-PLUGINS = ["netlab-echo"]
+PLUGINS = ["netlab-echo", "netlab-identity"]
 
 
 def run(*command: str | Path, cwd: Path) -> str:

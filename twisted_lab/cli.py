@@ -21,7 +21,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import react
 
 from twisted_lab import __version__
-from twisted_lab.client import FrameClient, connect
+from twisted_lab.client import FrameClient, JSONClient, ServerError, connect
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORTS = {"echo": 9090, "identity": 9091, "auth": 9092, "chat": 9093}
@@ -162,13 +162,15 @@ def reporter(quiet: bool, stream: TextIO = sys.stderr) -> Callable[[str], None]:
 
 
 async def connectOrAbort(
-    reactor: Any, host: str, port: int, client: FrameClient, timeout: float
+    reactor: Any, options: argparse.Namespace, client: FrameClient
 ) -> FrameClient:
     """
-    L{connect}, turning the usual failures into a one-line L{Abort}.
+    L{connect} to the host and port in C{options}, turning the usual
+    failures into a one-line L{Abort}.
     """
+    host, port = options.host, options.port
     try:
-        return await connect(reactor, host, port, client, timeout)
+        return await connect(reactor, host, port, client, options.timeout, options.bind)
     except error.ConnectionRefusedError:
         raise Abort(
             f"cannot connect to {host}:{port}: connection refused "
@@ -199,7 +201,7 @@ async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
     The C{netlab echo} command.
     """
     client = FrameClient(reporter(options.quiet))
-    await connectOrAbort(reactor, options.host, options.port, client, options.timeout)
+    await connectOrAbort(reactor, options, client)
     try:
         if options.message:
             for message in options.message:
@@ -216,6 +218,64 @@ async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
         raise Abort(f"connection lost: {e}") from None
     await client.close()
     return 0
+
+
+# -- identity ---------------------------------------------------------------
+
+
+async def runIdentity(reactor: Any, options: argparse.Namespace) -> int:
+    """
+    The C{netlab identity} command: print the greeting; forget and/or name
+    as asked; when the server asks for a name, use C{--name} or ask for one
+    (again, with the server's reason, while it is refused).
+    """
+    frames = FrameClient(reporter(options.quiet))
+    await connectOrAbort(reactor, options, frames)
+    client = JSONClient(frames)
+    try:
+        greeting = await client.receive()
+        known = greeting.get("type") == "welcome"
+        if known:
+            print(f"Welcome back, {greeting['name']}! (visit {greeting['visits']})")
+        else:
+            print("The server does not know you yet.")
+        if options.forget:
+            await client.call({"type": "forget"})
+            print("The server has forgotten you.")
+            known = False
+        if options.name is not None:
+            try:
+                welcome = await client.call({"type": "name", "name": options.name})
+            except ServerError as e:
+                raise Abort(f"name refused: {e.message}") from None
+            print(f"Hello, {welcome['name']}! (visit {welcome['visits']})")
+        elif not known and not options.forget:
+            welcome = await askName(reactor, client, options.interactive)
+            print(f"Hello, {welcome['name']}! (visit {welcome['visits']})")
+    except ServerError as e:
+        raise Abort(f"the server said {e}") from None
+    except (error.ConnectionDone, error.ConnectionLost) as e:
+        raise Abort(f"connection lost: {e}") from None
+    await frames.close()
+    return 0
+
+
+async def askName(reactor: Any, client: JSONClient, interactive: bool) -> dict:
+    """
+    Ask for a name until the server accepts one; its C{welcome}.  Without
+    a terminal the name is one line of standard input.
+    """
+    while True:
+        line = await readLine(reactor, "What is your name? " if interactive else None)
+        if line is None:
+            raise Abort("the server asked for a name and none was given", code=2)
+        name = line.decode("utf-8", "replace")
+        try:
+            return await client.call({"type": "name", "name": name})
+        except ServerError as e:
+            if e.code != "invalid_name" or not interactive:
+                raise Abort(f"name refused: {e.message}") from None
+            print(f"  {e.message}; please try again.", file=sys.stderr)
 
 
 # -- argument parsing and main ----------------------------------------------
@@ -244,6 +304,9 @@ def buildParser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--timeout", type=float, default=10.0, help="connect timeout in seconds"
         )
+        sub.add_argument(
+            "--bind", metavar="ADDRESS", help="local address to connect from"
+        )
 
     echo = commands.add_parser(
         "echo",
@@ -255,6 +318,20 @@ def buildParser() -> argparse.ArgumentParser:
     common(echo, "echo")
     echo.add_argument("message", nargs="*", metavar="MESSAGE")
     echo.set_defaults(run=runEcho)
+
+    identity = commands.add_parser(
+        "identity",
+        help="be greeted by netlab-identity (and tell it your name)",
+        description="Print the server's greeting.  If it does not know you, "
+        "give it a name: --name, else asked on a terminal, else one line of "
+        "standard input.",
+    )
+    common(identity, "identity")
+    identity.add_argument("--name", help="the name to give (or change to)")
+    identity.add_argument(
+        "--forget", action="store_true", help="make the server forget you"
+    )
+    identity.set_defaults(run=runIdentity)
     return parser
 
 
@@ -279,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print(f"netlab: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None
     options.interactive = interactive and not getattr(options, "message", None)
+    if options.command != "echo":
+        options.interactive = interactive
 
     async def run(reactor: Any) -> None:
         try:

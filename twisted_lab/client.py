@@ -11,6 +11,7 @@ callable, which the command-line client prints on standard error.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from twisted_lab.framing import FrameReceiver
+from twisted_lab.messages import encodeMessage
 
 Report = Callable[[str], None]
 
@@ -129,12 +131,86 @@ async def connect(
     port: int,
     client: FrameClient,
     timeout: float = 10.0,
+    bindAddress: str | None = None,
 ) -> FrameClient:
     """
     Connect C{client} to C{host}:C{port} (names resolved without blocking,
     IPv4 and IPv6 tried as RFC 8305 says).
     """
     client.label = f"{host}:{port}"
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = HostnameEndpoint(
+        reactor,
+        host,
+        port,
+        timeout=timeout,
+        bindAddress=(bindAddress, 0) if bindAddress else None,
+    )
     await connectProtocol(endpoint, client)
     return client
+
+
+class ServerError(Exception):
+    """
+    The server answered a request with an C{error} message.
+    """
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        self.code = str(reply.get("code", "unknown"))
+        self.message = str(reply.get("message", ""))
+        self.reply = reply
+        super().__init__(f"{self.code}: {self.message}")
+
+
+class JSONClient:
+    """
+    JSON requests and replies over a L{FrameClient}: C{call} numbers each
+    request with an C{id} and waits for the reply carrying it; messages the
+    server sends unprompted (greetings, broadcasts) wait in a queue for
+    C{receive}.
+    """
+
+    def __init__(self, frames: FrameClient) -> None:
+        self.frames = frames
+        self._nextId = 1
+        self._unsolicited: deque[dict[str, Any]] = deque()
+
+    async def _read(self) -> dict[str, Any]:
+        frame = await self.frames.receive()
+        message = json.loads(frame)
+        if not isinstance(message, dict):
+            raise ValueError("the server sent something other than a JSON object")
+        return message
+
+    async def receive(self) -> dict[str, Any]:
+        """
+        The next message the server sent unprompted.
+        """
+        if self._unsolicited:
+            return self._unsolicited.popleft()
+        return await self._read()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """
+        Send a message without waiting for anything.
+        """
+        self.frames.send(encodeMessage(message))
+
+    async def call(self, message: dict[str, Any], check: bool = True) -> dict[str, Any]:
+        """
+        Send a request and return its reply; with C{check}, an C{error}
+        reply raises L{ServerError}.
+        """
+        requestId = self._nextId
+        self._nextId += 1
+        self.send({**message, "id": requestId})
+        while True:
+            reply = await self._read()
+            if reply.get("id") == requestId:
+                break
+            if "id" in reply:
+                continue  # the reply to a request whose caller gave up
+            self._unsolicited.append(reply)
+        reply.pop("id")
+        if check and reply.get("type") == "error":
+            raise ServerError(reply)
+        return reply

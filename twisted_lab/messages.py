@@ -55,7 +55,12 @@ class RequestError(Exception):
         self.extra = extra
 
     def reply(self) -> Message:
-        return {"type": "error", "code": self.code, "message": self.message, **self.extra}
+        return {
+            "type": "error",
+            "code": self.code,
+            "message": self.message,
+            **self.extra,
+        }
 
 
 def badRequest(message: str) -> RequestError:
@@ -110,8 +115,7 @@ def decodeRequest(frame: bytes) -> Message:
     if requestId is not None and not _validId(requestId):
         obj.pop("id")
         raise badRequest(
-            f'"id" must be a string of at most {MAX_ID_LENGTH} characters '
-            "or an integer"
+            f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer'
         )
     return obj
 
@@ -184,9 +188,7 @@ class Field:
             raise badRequest(f'"{name}" must be {_KIND_NAMES[kind]}')
         if kind is str:
             if self.maxChars is not None and len(value) > self.maxChars:
-                raise badRequest(
-                    f'"{name}" is longer than {self.maxChars} characters'
-                )
+                raise badRequest(f'"{name}" is longer than {self.maxChars} characters')
             if not _isUnicode(value):
                 raise badRequest(f'"{name}" is not valid Unicode')
         if kind is int:
@@ -294,7 +296,12 @@ class MessageProtocol(FramedServerProtocol):
         handler = getattr(self, "request_" + message["type"])
         self._busy = True
         d = defer.maybeDeferred(handler, message)
-        d.addCallbacks(self._replied, self._failed, (requestId,), None, (requestId,))
+        d.addCallbacks(
+            self._replied,
+            self._failed,
+            callbackArgs=(requestId,),
+            errbackArgs=(requestId,),
+        )
         d.addBoth(self._next)
 
     def _replied(self, reply: Message | None, requestId: Any) -> None:
@@ -302,14 +309,17 @@ class MessageProtocol(FramedServerProtocol):
             self.sendMessage(reply, requestId)
 
     def _failed(self, failure: Failure, requestId: Any) -> None:
-        if failure.check(RequestError):
+        if isinstance(failure.value, RequestError):
             self._replyError(failure.value, requestId)
         else:
             self._internalError(failure, requestId)
 
     def _internalError(self, failure: Failure, requestId: Any) -> None:
         self.log.failure(
-            "request from {peer} failed", failure, event="internal_error", peer=self.peer
+            "request from {peer} failed",
+            failure,
+            event="internal_error",
+            peer=self.peer,
         )
         self.sendMessage(
             RequestError("internal_error", "the server failed to handle that").reply(),

@@ -423,6 +423,26 @@ class NetlabService(service.Service):
         return result
 
 
+class OrderedServices(service.MultiService):
+    """
+    Starts its services in order and stops them in reverse order, each
+    only after the one after it has finished stopping: a server finishes
+    its in-flight work before the store under it closes.  (Twisted's
+    L{MultiService} stops all children at once.)
+    """
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        services = list(self)
+        services.reverse()
+
+        async def stopInTurn() -> None:
+            for child in services:
+                await defer.maybeDeferred(child.stopService)
+
+        return defer.ensureDeferred(stopInTurn())
+
+
 def _socketReason(failure: Failure) -> str:
     value = failure.value
     socketError = getattr(value, "socketError", None)

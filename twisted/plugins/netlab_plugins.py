@@ -14,3 +14,10 @@ netlabEcho = ServiceMaker(
     "Echo Int32-framed messages (or raw bytes) back to the sender.",
     "netlab-echo",
 )
+
+netlabIdentity = ServiceMaker(
+    "netlab identity server",
+    "twisted_lab.identity",
+    "Recognise clients by IP address and greet them by name.",
+    "netlab-identity",
+)

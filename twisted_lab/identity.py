@@ -1,0 +1,198 @@
+"""
+The identity service (C{twistd netlab-identity}): recognises a client by its
+IP address, asks its name once, greets it by name afterwards
+(C{docs/protocol.md} section 3.1).
+
+The key is the address as text, with IPv4-mapped IPv6 addresses
+(C{::ffff:127.0.0.2}) turned back into IPv4, so a dual-stack listener
+recognises the same clients as an IPv4 one.  A reply that says a name is
+stored is sent only after the store committed it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.interfaces import IAddress
+
+from twisted_lab.messages import (
+    DEFAULT_MAX_LENGTH,
+    Message,
+    MessageProtocol,
+    RequestError,
+    Text,
+)
+from twisted_lab.server import OrderedServices, ServerFactory, ServerOptions
+from twisted_lab.store import DEFAULT_PATH, Store, StoreService
+
+DEFAULT_PORT = 9091
+MAX_NAME_CHARS = 64
+#: Unicode categories a name may not contain: controls, format characters
+#: (bidi overrides, zero-width joiners), surrogates, private use,
+#: unassigned, and line/paragraph separators.
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def addressKey(host: str) -> str:
+    """
+    The identity key of a peer host: the IP address as text, IPv4-mapped
+    IPv6 normalised to IPv4.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def validName(raw: str) -> str:
+    """
+    The name to store for C{raw}, or L{RequestError} C{invalid_name}.
+
+    The length is checked on the raw input first (a name can only grow
+    so much under normalisation), then the name is trimmed, NFC-normalised
+    and checked again.
+    """
+    if len(raw) > MAX_NAME_CHARS * 4:
+        raise RequestError(
+            "invalid_name", f"a name has at most {MAX_NAME_CHARS} characters"
+        )
+    name = unicodedata.normalize("NFC", raw.strip())
+    if not name:
+        raise RequestError("invalid_name", "the name is empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise RequestError(
+            "invalid_name", f"a name has at most {MAX_NAME_CHARS} characters"
+        )
+    for char in name:
+        if unicodedata.category(char) in FORBIDDEN_CATEGORIES:
+            raise RequestError(
+                "invalid_name",
+                "the name contains a control or invisible character "
+                f"(U+{ord(char):04X})",
+            )
+    return name
+
+
+def utcNow(clock: Any) -> str:
+    """
+    The clock's time as RFC 3339 UTC.
+    """
+    return (
+        datetime.fromtimestamp(clock.seconds(), UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class IdentityProtocol(MessageProtocol):
+    """
+    One client of the identity service.
+    """
+
+    factory: IdentityFactory
+    requests = {
+        "name": {"name": Text(maxChars=4096)},
+        "forget": {},
+        "ping": {},
+    }
+    address = ""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.address = addressKey(getattr(self.transport.getPeer(), "host", ""))
+        self.runExclusively(self._greet)
+
+    async def _greet(self) -> None:
+        known = await self.factory.store.visit(self.address, utcNow(self.factory.clock))
+        if known is None:
+            self.log.info(
+                "{peer} is not known; asking its name",
+                event="identity_asked",
+                peer=self.peer,
+            )
+            self.sendMessage({"type": "ask_name"})
+        else:
+            name, visits = known
+            self.log.info(
+                "{peer} is {name} (visit {visits})",
+                event="identity_known",
+                peer=self.peer,
+                name=name,
+                visits=visits,
+            )
+            self.sendMessage({"type": "welcome", "name": name, "visits": visits})
+
+    async def request_name(self, message: Message) -> Message:
+        name = validName(message["name"])
+        visits = await self.factory.store.nameAddress(
+            self.address, name, utcNow(self.factory.clock)
+        )
+        self.log.info(
+            "{peer} is now called {name}",
+            event="identity_stored",
+            peer=self.peer,
+            name=name,
+        )
+        return {"type": "welcome", "name": name, "visits": visits}
+
+    async def request_forget(self, message: Message) -> Message:
+        await self.factory.store.forgetAddress(self.address)
+        self.log.info("{peer} forgotten", event="identity_forgotten", peer=self.peer)
+        return {"type": "forgotten"}
+
+    def request_ping(self, message: Message) -> Message:
+        return {"type": "pong"}
+
+
+class IdentityFactory(ServerFactory):
+    """
+    Makes L{IdentityProtocol} connections sharing one L{Store}.
+    """
+
+    protocol = IdentityProtocol
+
+    def __init__(self, store: Store, **settings: Any) -> None:
+        settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
+        super().__init__(**settings)
+        self.store = store
+
+    def buildProtocol(self, addr: IAddress | None) -> IdentityProtocol:
+        protocol = IdentityProtocol()
+        protocol.factory = self
+        return protocol
+
+
+class Options(ServerOptions):
+    """
+    Options of C{twistd netlab-identity}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Recognise clients by IP address: ask a new one its name, greet a "
+        "known one by name.  Listens on 127.0.0.1:9091 by default."
+    )
+    defaultPort = DEFAULT_PORT
+    defaultMaxLength = DEFAULT_MAX_LENGTH
+    optParameters = [
+        ["db", None, DEFAULT_PATH, "The SQLite database file."],
+    ]
+
+
+def makeService(config: Options) -> IService:
+    """
+    The identity server described by C{config} (called by twistd).
+    """
+    store = Store(config["db"])
+    factory = IdentityFactory(store, **config.factorySettings())
+    top = OrderedServices()
+    StoreService(store).setServiceParent(top)
+    config.makeNetlabService("netlab-identity", factory).setServiceParent(top)
+    return top
