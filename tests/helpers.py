@@ -69,3 +69,19 @@ def subprocessEnv(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+async def waitFor(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """
+    Wait (polling the reactor, not sleeping the thread) until C{predicate()}
+    is true: for work that completes in another thread, such as the store.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01

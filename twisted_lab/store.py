@@ -139,7 +139,11 @@ class Store:
             cp_noisy=False,
         )
         self.pool.start()
-        self.version = await self.transaction(applyMigrations, self.migrations)
+        try:
+            self.version = await self.transaction(applyMigrations, self.migrations)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:

@@ -1,0 +1,175 @@
+"""
+The identity service: name rules, address keys, and the protocol on a
+StringTransport with a chosen peer address over a real SQLite store.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.helpers import EventRecorder, frames, waitFor
+from tests.test_messages import replies
+from twisted_lab.identity import IdentityFactory, addressKey, validName
+from twisted_lab.messages import RequestError
+from twisted_lab.store import Store
+
+
+class NameRuleTests(SynchronousTestCase):
+    def test_trimmedAndNFC(self) -> None:
+        self.assertEqual(validName("  Zoe\u0308  "), "Zo\u00eb")
+        self.assertEqual(validName("A" * 64), "A" * 64)
+        self.assertEqual(validName(" " + "B" * 64 + " "), "B" * 64)
+
+    def assertInvalid(self, name: str, text: str) -> None:
+        with self.assertRaises(RequestError) as raised:
+            validName(name)
+        self.assertEqual(raised.exception.code, "invalid_name")
+        self.assertIn(text, raised.exception.message)
+
+    def test_invalidNames(self) -> None:
+        self.assertInvalid("", "empty")
+        self.assertInvalid(" \t\n ", "empty")
+        self.assertInvalid("A" * 65, "at most 64")
+        self.assertInvalid("x" * 1_000_000, "at most 64")
+        for hostile in (
+            "a\x00b",
+            "bell\x07",
+            "new\nline",
+            "\u202eevil",
+            "zero\u200bwidth",
+            "line\u2028sep",
+            "\ue000private",
+        ):
+            self.assertInvalid(hostile, "control or invisible")
+
+    def test_addressKey(self) -> None:
+        self.assertEqual(addressKey("127.0.0.2"), "127.0.0.2")
+        self.assertEqual(addressKey("::ffff:127.0.0.2"), "127.0.0.2")
+        self.assertEqual(addressKey("::1"), "::1")
+        self.assertEqual(addressKey("2001:DB8::1"), "2001:db8::1")
+
+
+class IdentityProtocolTests(TestCase):
+    async def factory(self) -> IdentityFactory:
+        store = Store(self.mktemp())
+        self.addCleanup(store.close)
+        await store.open()
+        factory = IdentityFactory(store, clock=reactor)
+        self.recorder = EventRecorder()
+        factory.log = self.recorder.logger
+        return factory
+
+    async def connect(self, factory, address):
+        protocol = factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.addCleanup(self.disconnect, factory, protocol)
+        return protocol, transport
+
+    def disconnect(self, factory, protocol) -> None:
+        if protocol in factory.connections:
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+    async def talk(self, protocol, transport, *requests: bytes, expect: int):
+        protocol.dataReceived(frames(*requests))
+        await waitFor(
+            lambda: len(replies(transport)) >= expect, what=f"{expect} replies"
+        )
+        return replies(transport)
+
+    @defer.inlineCallbacks
+    def test_askThenWelcome(self):
+        factory = yield defer.ensureDeferred(self.factory())
+        peer = IPv4Address("TCP", "127.0.0.2", 5000)
+        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
+        got = yield defer.ensureDeferred(
+            self.talk(
+                protocol,
+                transport,
+                b'{"type":"name","name":" Alice ","id":1}',
+                expect=2,
+            )
+        )
+        self.assertEqual(got[0], {"type": "ask_name"})
+        self.assertEqual(
+            got[1], {"type": "welcome", "name": "Alice", "visits": 1, "id": 1}
+        )
+        # A second connection from the same address is welcomed by name.
+        again, transport2 = yield defer.ensureDeferred(self.connect(factory, peer))
+        yield defer.ensureDeferred(waitFor(lambda: replies(transport2)))
+        self.assertEqual(
+            replies(transport2), [{"type": "welcome", "name": "Alice", "visits": 2}]
+        )
+        names = self.recorder.names()
+        for event in ("identity_asked", "identity_stored", "identity_known"):
+            self.assertIn(event, names)
+
+    @defer.inlineCallbacks
+    def test_ipv4MappedAddressIsTheSameClient(self):
+        factory = yield defer.ensureDeferred(self.factory())
+        yield factory.store.nameAddress("127.0.0.2", "Mapped", "now")
+        peer = IPv6Address("TCP", "::ffff:127.0.0.2", 5000)
+        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
+        yield defer.ensureDeferred(waitFor(lambda: replies(transport)))
+        self.assertEqual(replies(transport)[0]["name"], "Mapped")
+
+    @defer.inlineCallbacks
+    def test_requestsBeforeTheGreetingWaitForIt(self):
+        """
+        A client that sends at once still gets the greeting first.
+        """
+        factory = yield defer.ensureDeferred(self.factory())
+        peer = IPv4Address("TCP", "127.0.0.3", 5000)
+        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
+        got = yield defer.ensureDeferred(
+            self.talk(
+                protocol, transport, b'{"type":"ping"}', b'{"type":"forget"}', expect=3
+            )
+        )
+        self.assertEqual([m["type"] for m in got], ["ask_name", "pong", "forgotten"])
+
+    @defer.inlineCallbacks
+    def test_renameForgetAndInvalid(self):
+        factory = yield defer.ensureDeferred(self.factory())
+        peer = IPv4Address("TCP", "127.0.0.4", 5000)
+        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
+        got = yield defer.ensureDeferred(
+            self.talk(
+                protocol,
+                transport,
+                b'{"type":"name","name":"Bob"}',
+                b'{"type":"name","name":"bad\\u0007name"}',
+                b'{"type":"name","name":"Robert"}',
+                b'{"type":"forget"}',
+                b'{"type":"name","name":""}',
+                b'{"type":"name"}',
+                expect=7,
+            )
+        )
+        self.assertEqual(got[1]["name"], "Bob")
+        self.assertEqual(got[2]["code"], "invalid_name")
+        self.assertEqual((got[3]["name"], got[3]["visits"]), ("Robert", 1))
+        self.assertEqual(got[4], {"type": "forgotten"})
+        self.assertEqual(got[5]["code"], "invalid_name")
+        self.assertEqual(got[6]["code"], "bad_request")
+        self.assertIsNone((yield factory.store.visit("127.0.0.4", "now")))
+
+    @defer.inlineCallbacks
+    def test_noPersonalDataButNamesInEvents(self):
+        factory = yield defer.ensureDeferred(self.factory())
+        peer = IPv4Address("TCP", "127.0.0.5", 5000)
+        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
+        yield defer.ensureDeferred(
+            self.talk(
+                protocol,
+                transport,
+                b'{"type":"name","name":"Eve","secret":"s3cr3t"}',
+                expect=2,
+            )
+        )
+        self.assertNotIn("s3cr3t", repr(self.recorder.events))
