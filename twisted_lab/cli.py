@@ -11,10 +11,15 @@ standard input is a terminal, it asks for them, offering the defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
+import json
+import os
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, error
@@ -182,6 +187,8 @@ async def connectOrAbort(
         raise Abort(f"cannot connect to {host}:{port}: timed out") from None
     except error.ConnectError as e:
         raise Abort(f"cannot connect to {host}:{port}: {e}") from None
+    except OSError as e:
+        raise Abort(f"cannot connect to {host}:{port}: {e}") from None
 
 
 def writeReply(payload: bytes, out: Any = None) -> None:
@@ -278,6 +285,172 @@ async def askName(reactor: Any, client: JSONClient, interactive: bool) -> dict:
             print(f"  {e.message}; please try again.", file=sys.stderr)
 
 
+# -- auth -------------------------------------------------------------------
+
+
+def sessionPath() -> Path:
+    """
+    Where the session token is kept, like a cookie:
+    C{$XDG_CONFIG_HOME/netlab/session.json} (C{~/.config} by default).
+    """
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config"
+    )
+    return Path(base) / "netlab" / "session.json"
+
+
+def saveSession(session: dict[str, Any]) -> Path:
+    """
+    Save the session readable by its owner only (mode 0600).
+    """
+    path = sessionPath()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(session, f)
+    os.replace(temporary, path)
+    return path
+
+
+def loadSession() -> dict[str, Any] | None:
+    """
+    The saved session, or None.
+    """
+    try:
+        with sessionPath().open(encoding="utf-8") as f:
+            session = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return session if isinstance(session, dict) and "token" in session else None
+
+
+def forgetSession() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        sessionPath().unlink()
+
+
+def readSecret(prompt: str, fromStdin: bool, interactive: bool) -> str:
+    """
+    A password: one line of standard input (C{--password-stdin}), or asked
+    without echo on a terminal.  Runs before the reactor starts.
+    """
+    if fromStdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise Abort("expected a password on standard input", code=2)
+        return line.rstrip("\n")
+    if not interactive:
+        raise Abort("no terminal to ask for a password: use --password-stdin", code=2)
+    try:
+        return getpass.getpass(prompt)
+    except (EOFError, KeyboardInterrupt):
+        raise Abort("no password given", code=2) from None
+
+
+def prepareAuth(options: argparse.Namespace) -> None:
+    """
+    Collect what C{netlab auth} needs from the person before connecting.
+    """
+    action = options.action
+    interactive = options.interactive
+    if action in ("register", "login") and not options.user:
+        if not interactive:
+            raise Abort("give the username with --user", code=2)
+        options.user = askUntilValid("Username", "", _nonEmpty)
+    if action in ("register", "login"):
+        options.password = readSecret("Password: ", options.password_stdin, interactive)
+        if action == "register" and interactive and not options.password_stdin:
+            again = readSecret("Password (again): ", False, interactive)
+            if again != options.password:
+                raise Abort("the passwords differ", code=2)
+    if action == "passwd":
+        options.old = readSecret(
+            "Current password: ", options.password_stdin, interactive
+        )
+        options.new = readSecret("New password: ", options.password_stdin, interactive)
+
+
+def _nonEmpty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("it cannot be empty")
+    return text.strip()
+
+
+def describeError(e: ServerError) -> str:
+    if e.code == "rate_limited":
+        return f"rate limited: try again in {e.reply.get('retry_after', '?')} s"
+    return f"{e.code}: {e.message}"
+
+
+async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
+    """
+    The C{netlab auth} command.
+    """
+    frames = FrameClient(reporter(options.quiet))
+    action = options.action
+    saved = loadSession()
+    if action in ("whoami", "logout", "passwd") and saved is None:
+        raise Abort("not logged in: run 'netlab auth login' first")
+    await connectOrAbort(reactor, options, frames)
+    client = JSONClient(frames)
+    try:
+        if action == "register":
+            reply = await client.call(
+                {
+                    "type": "register",
+                    "username": options.user,
+                    "password": options.password,
+                }
+            )
+            print(f"Registered {reply['username']}.")
+        elif action == "login":
+            reply = await client.call(
+                {
+                    "type": "login",
+                    "username": options.user,
+                    "password": options.password,
+                }
+            )
+            path = saveSession(
+                {
+                    "host": options.host,
+                    "port": options.port,
+                    "username": reply["username"],
+                    "token": reply["token"],
+                    "expires_at": reply["expires_at"],
+                }
+            )
+            print(f"Logged in as {reply['username']} (session saved in {path}).")
+        else:
+            assert saved is not None
+            try:
+                await client.call({"type": "resume", "token": saved["token"]})
+            except ServerError as e:
+                if e.code == "invalid_token":
+                    forgetSession()
+                    raise Abort("the saved session has expired: log in again") from None
+                raise
+            if action == "whoami":
+                reply = await client.call({"type": "whoami"})
+                print(reply["username"])
+            elif action == "logout":
+                await client.call({"type": "logout"})
+                forgetSession()
+                print("Logged out.")
+            elif action == "passwd":
+                await client.call(
+                    {"type": "change_password", "old": options.old, "new": options.new}
+                )
+                print("Password changed; your other sessions were logged out.")
+    except ServerError as e:
+        raise Abort(describeError(e)) from None
+    except (error.ConnectionDone, error.ConnectionLost) as e:
+        raise Abort(f"connection lost: {e}") from None
+    await frames.close()
+    return 0
+
+
 # -- argument parsing and main ----------------------------------------------
 
 
@@ -332,6 +505,27 @@ def buildParser() -> argparse.ArgumentParser:
         "--forget", action="store_true", help="make the server forget you"
     )
     identity.set_defaults(run=runIdentity)
+
+    auth = commands.add_parser(
+        "auth",
+        help="register, log in, log out, who am I, change password",
+        description="Accounts on netlab-auth.  login saves the session token "
+        "in $XDG_CONFIG_HOME/netlab/session.json (mode 0600); whoami, logout, "
+        "passwd and the chat client use it.",
+    )
+    auth.add_argument(
+        "action", choices=["register", "login", "logout", "whoami", "passwd"]
+    )
+    common(auth, "auth")
+    auth.add_argument("--user", "-u", help="the username (asked if not given)")
+    auth.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (passwd: old, then new)",
+    )
+    auth.add_argument("--tls", action="store_true", help="connect with TLS")
+    auth.add_argument("--cafile", help="trust this CA certificate (PEM) for TLS")
+    auth.set_defaults(run=runAuth, prepare=prepareAuth)
     return parser
 
 
@@ -358,6 +552,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     options.interactive = interactive and not getattr(options, "message", None)
     if options.command != "echo":
         options.interactive = interactive
+    try:
+        if getattr(options, "prepare", None) is not None:
+            options.prepare(options)
+    except Abort as e:
+        print(f"netlab: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
 
     async def run(reactor: Any) -> None:
         try:

@@ -17,7 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -132,19 +136,34 @@ async def connect(
     client: FrameClient,
     timeout: float = 10.0,
     bindAddress: str | None = None,
+    tls: bool = False,
+    cafile: str | None = None,
 ) -> FrameClient:
     """
     Connect C{client} to C{host}:C{port} (names resolved without blocking,
-    IPv4 and IPv6 tried as RFC 8305 says).
+    IPv4 and IPv6 tried as RFC 8305 says), over TLS if asked: the server's
+    certificate must be valid for C{host} and signed by C{cafile}'s
+    certificate (or, without one, by the system's trusted authorities).
     """
     client.label = f"{host}:{port}"
-    endpoint = HostnameEndpoint(
+    endpoint: Any = HostnameEndpoint(
         reactor,
         host,
         port,
         timeout=timeout,
         bindAddress=(bindAddress, 0) if bindAddress else None,
     )
+    if tls or cafile:
+        from twisted.internet import ssl
+
+        if cafile:
+            with open(cafile, "rb") as f:
+                trustRoot: Any = ssl.Certificate.loadPEM(f.read())
+        else:
+            trustRoot = ssl.platformTrust()
+        endpoint = wrapClientTLS(
+            ssl.optionsForClientTLS(host, trustRoot=trustRoot), endpoint
+        )
     await connectProtocol(endpoint, client)
     return client
 

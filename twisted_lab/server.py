@@ -79,6 +79,13 @@ class ServerFactory(Factory["ServedConnection"]):
         self.connections: set[ServedConnection] = set()
         self._allGone: list[defer.Deferred[None]] = []
 
+    def now(self) -> float:
+        """
+        The current time on the factory's clock.
+        """
+        assert self.clock is not None, "the clock is set when the service starts"
+        return self.clock.seconds()
+
     def connectionOpened(self, connection: ServedConnection) -> None:
         self.connections.add(connection)
 

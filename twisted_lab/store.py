@@ -50,6 +50,29 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
             """,
         ),
     ),
+    (
+        2,
+        (
+            """
+            CREATE TABLE accounts (
+                username TEXT PRIMARY KEY,
+                password_hash TEXT NOT NULL,
+                created_at REAL NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE sessions (
+                token_digest BLOB PRIMARY KEY,
+                username TEXT NOT NULL
+                    REFERENCES accounts (username) ON DELETE CASCADE,
+                created_at REAL NOT NULL,
+                last_used REAL NOT NULL,
+                expires_at REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX sessions_by_user ON sessions (username)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -187,6 +210,56 @@ class Store:
         """
         return self.transaction(_forgetAddress, address)
 
+    # -- accounts and sessions --------------------------------------------------
+
+    def createAccount(
+        self, username: str, passwordHash: str, now: float
+    ) -> defer.Deferred[bool]:
+        """
+        Create an account; False if the username is taken.  The UNIQUE
+        constraint decides, so of two concurrent registrations of one name
+        exactly one succeeds.
+        """
+        return self.transaction(_createAccount, username, passwordHash, now)
+
+    def passwordHash(self, username: str) -> defer.Deferred[str | None]:
+        """
+        The stored hash of C{username}, or None if there is no such account.
+        """
+        return self.transaction(_passwordHash, username)
+
+    def setPasswordHash(
+        self, username: str, passwordHash: str, keepSession: bytes | None = None
+    ) -> defer.Deferred[None]:
+        """
+        Replace the hash of C{username}.  With C{keepSession}, every other
+        session of the user is revoked in the same transaction.
+        """
+        return self.transaction(_setPasswordHash, username, passwordHash, keepSession)
+
+    def createSession(
+        self, digest: bytes, username: str, now: float, idle: float, maximum: float
+    ) -> defer.Deferred[float]:
+        """
+        Store a new session; when it expires if left idle.
+        """
+        return self.transaction(_createSession, digest, username, now, idle, maximum)
+
+    def useSession(
+        self, digest: bytes, now: float, idle: float
+    ) -> defer.Deferred[tuple[str, float] | None]:
+        """
+        The (username, expiry) of a live session, marking it used now; None
+        for an unknown, revoked or expired one (an expired one is deleted).
+        """
+        return self.transaction(_useSession, digest, now, idle)
+
+    def deleteSession(self, digest: bytes) -> defer.Deferred[bool]:
+        """
+        Revoke one session; whether it existed.
+        """
+        return self.transaction(_deleteSession, digest)
+
     def integrityCheck(self) -> defer.Deferred[str]:
         """
         SQLite's own verdict on the file (C{"ok"} when sound).
@@ -275,4 +348,86 @@ def _nameAddress(cursor: sqlite3.Cursor, address: str, name: str, now: str) -> i
 
 def _forgetAddress(cursor: sqlite3.Cursor, address: str) -> bool:
     cursor.execute("DELETE FROM identities WHERE address = ?", (address,))
+    return cursor.rowcount > 0
+
+
+def _createAccount(
+    cursor: sqlite3.Cursor, username: str, passwordHash: str, now: float
+) -> bool:
+    try:
+        cursor.execute(
+            "INSERT INTO accounts (username, password_hash, created_at) "
+            "VALUES (?, ?, ?)",
+            (username, passwordHash, now),
+        )
+    except sqlite3.IntegrityError:
+        return False
+    return True
+
+
+def _passwordHash(cursor: sqlite3.Cursor, username: str) -> str | None:
+    row = cursor.execute(
+        "SELECT password_hash FROM accounts WHERE username = ?", (username,)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _setPasswordHash(
+    cursor: sqlite3.Cursor, username: str, passwordHash: str, keep: bytes | None
+) -> None:
+    cursor.execute(
+        "UPDATE accounts SET password_hash = ? WHERE username = ?",
+        (passwordHash, username),
+    )
+    if keep is not None:
+        cursor.execute(
+            "DELETE FROM sessions WHERE username = ? AND token_digest != ?",
+            (username, keep),
+        )
+
+
+def _createSession(
+    cursor: sqlite3.Cursor,
+    digest: bytes,
+    username: str,
+    now: float,
+    idle: float,
+    maximum: float,
+) -> float:
+    expires = now + maximum
+    cursor.execute(
+        "INSERT INTO sessions (token_digest, username, created_at, last_used, "
+        "expires_at) VALUES (?, ?, ?, ?, ?)",
+        (digest, username, now, now, expires),
+    )
+    # Sessions that can no longer be used are cleaned up as we go.
+    cursor.execute(
+        "DELETE FROM sessions WHERE username = ? AND "
+        "(expires_at <= ? OR last_used + ? <= ?)",
+        (username, now, idle, now),
+    )
+    return min(expires, now + idle)
+
+
+def _useSession(
+    cursor: sqlite3.Cursor, digest: bytes, now: float, idle: float
+) -> tuple[str, float] | None:
+    row = cursor.execute(
+        "SELECT username, last_used, expires_at FROM sessions WHERE token_digest = ?",
+        (digest,),
+    ).fetchone()
+    if row is None:
+        return None
+    username, lastUsed, expiresAt = row
+    if now >= expiresAt or now - lastUsed >= idle:
+        cursor.execute("DELETE FROM sessions WHERE token_digest = ?", (digest,))
+        return None
+    cursor.execute(
+        "UPDATE sessions SET last_used = ? WHERE token_digest = ?", (now, digest)
+    )
+    return str(username), min(expiresAt, now + idle)
+
+
+def _deleteSession(cursor: sqlite3.Cursor, digest: bytes) -> bool:
+    cursor.execute("DELETE FROM sessions WHERE token_digest = ?", (digest,))
     return cursor.rowcount > 0

@@ -21,3 +21,10 @@ netlabIdentity = ServiceMaker(
     "Recognise clients by IP address and greet them by name.",
     "netlab-identity",
 )
+
+netlabAuth = ServiceMaker(
+    "netlab auth server",
+    "twisted_lab.auth",
+    "Accounts and sessions: register, login, tokens, argon2id hashes.",
+    "netlab-auth",
+)

@@ -1,0 +1,272 @@
+"""
+Accounts: username and password rules, password hashing, session tokens and
+throttling, everything the auth and chat services share about who a user is.
+
+  - Usernames: the raw length is checked first, then Unicode NFKC and
+    case-folding, then C{[a-z0-9_.-]{3,32}}: C{Alice}, C{ALICE} and
+    fullwidth C{ａｌｉｃｅ} are one account.
+  - Passwords: 8 characters to 1024 bytes of UTF-8, checked before hashing;
+    stored only as argon2id hashes made by passlib (C{libpass}), in threads,
+    at most as many at once as there are cores (each hash holds its full
+    memory cost while it runs).
+  - Tokens: C{secrets.token_urlsafe(32)} (256 bits), stored only as their
+    SHA-256 digest.
+  - Throttles: failed logins per account and per client address with
+    exponential back-off, registrations per address with a token bucket;
+    every delay is capped and forgotten after a quiet period, so nobody is
+    locked out for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from passlib.context import CryptContext
+from twisted.internet import defer, threads
+
+from twisted_lab.messages import RequestError
+
+USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
+MAX_RAW_USERNAME = 128
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_BYTES = 1024
+
+#: OWASP's minimum for argon2id (2025): m = 19 MiB, t = 2, p = 1.
+DEFAULT_MEMORY_KIB = 19 * 1024
+DEFAULT_TIME_COST = 2
+DEFAULT_PARALLELISM = 1
+
+
+def canonicalUsername(raw: str) -> str:
+    """
+    The account name for C{raw}, or L{RequestError} C{invalid_username}.
+    """
+    if len(raw) > MAX_RAW_USERNAME:
+        raise RequestError("invalid_username", "a username has 3 to 32 characters")
+    folded = unicodedata.normalize(
+        "NFKC", unicodedata.normalize("NFKC", raw).casefold()
+    )
+    if not USERNAME_PATTERN.fullmatch(folded):
+        raise RequestError(
+            "invalid_username",
+            "a username has 3 to 32 characters from a-z, 0-9, '_', '.', '-' "
+            "(upper case and fullwidth letters count as lower case)",
+        )
+    return folded
+
+
+def checkPassword(password: str) -> None:
+    """
+    L{RequestError} C{weak_password} unless C{password} fits the rules.
+    """
+    if len(password) > MAX_PASSWORD_BYTES or (
+        len(password.encode("utf-8")) > MAX_PASSWORD_BYTES
+    ):
+        raise RequestError(
+            "weak_password", f"a password has at most {MAX_PASSWORD_BYTES} bytes"
+        )
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise RequestError(
+            "weak_password",
+            f"a password has at least {MIN_PASSWORD_CHARS} characters",
+        )
+
+
+def newToken() -> str:
+    """
+    A fresh session token: 256 random bits, URL-safe text.
+    """
+    return secrets.token_urlsafe(32)
+
+
+def tokenDigest(token: str) -> bytes:
+    """
+    What the store keeps of a token.  Any string has a digest, so a
+    non-ASCII or absurd token is simply unknown, never a crash.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class PasswordHasher:
+    """
+    argon2id hashing off the reactor thread, with bounded concurrency.
+    """
+
+    def __init__(
+        self,
+        memoryKiB: int = DEFAULT_MEMORY_KIB,
+        timeCost: int = DEFAULT_TIME_COST,
+        parallelism: int = DEFAULT_PARALLELISM,
+        concurrency: int | None = None,
+    ) -> None:
+        self.context = CryptContext(
+            schemes=["argon2"],
+            argon2__type="ID",
+            argon2__memory_cost=memoryKiB,
+            argon2__time_cost=timeCost,
+            argon2__parallelism=parallelism,
+        )
+        self.semaphore = defer.DeferredSemaphore(concurrency or os.cpu_count() or 1)
+        self._dummy: str | None = None
+
+    def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
+        return self.semaphore.run(threads.deferToThread, function, *args)
+
+    def hash(self, password: str) -> defer.Deferred[str]:
+        """
+        A new salted hash of C{password}.
+        """
+        return self._inThread(self.context.hash, password)
+
+    def verify(
+        self, password: str, stored: str | None
+    ) -> defer.Deferred[tuple[bool, str | None]]:
+        """
+        (matches, new hash or None): C{new hash} is set when the stored hash
+        uses older parameters and should be replaced.  A missing account
+        (C{stored=None}) is checked against a dummy hash, so it takes as
+        long as a wrong password and can only fail.
+        """
+        if stored is None:
+            return self._inThread(self._verifyDummy, password)
+        return self._inThread(self.context.verify_and_update, password, stored)
+
+    def _verifyDummy(self, password: str) -> tuple[bool, None]:
+        if self._dummy is None:
+            self._dummy = self.context.hash(secrets.token_urlsafe(16))
+        self.context.verify(password, self._dummy)
+        return False, None
+
+
+# -- throttling -------------------------------------------------------------
+
+
+def throttleKey(host: str) -> str:
+    """
+    The key a client address is throttled by: the IP address, with IPv6
+    grouped by /64 (one subscriber usually has a whole /64) and
+    IPv4-mapped IPv6 counted as IPv4.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    lastFailure: float = 0.0
+    blockedUntil: float = 0.0
+
+
+class FailureThrottle:
+    """
+    Exponential back-off after repeated failures, per key.
+
+    The first C{free} failures cost nothing; each one after that blocks the
+    key for C{base * 2 ** (n - free)} seconds, capped at C{cap}.  A success
+    clears the key, and so does C{forgetAfter} seconds without a failure:
+    the worst an attacker can do to a victim's account is make it wait
+    C{cap} seconds between attempts.  (fail2ban's findtime/bantime,
+    OpenSSH's MaxAuthTries, Dovecot's auth_failure_delay, combined.)
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        free: int,
+        base: float = 1.0,
+        cap: float = 900.0,
+        forgetAfter: float = 3600.0,
+    ) -> None:
+        self.clock = clock
+        self.free = free
+        self.base = base
+        self.cap = cap
+        self.forgetAfter = forgetAfter
+        self._keys: dict[str, _Failures] = {}
+
+    def retryAfter(self, key: str) -> float:
+        """
+        Seconds until C{key} may try again (0: now).
+        """
+        entry = self._current(key)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.blockedUntil - self.clock.seconds())
+
+    def failed(self, key: str) -> None:
+        now = self.clock.seconds()
+        entry = self._current(key) or self._keys.setdefault(key, _Failures())
+        entry.count += 1
+        entry.lastFailure = now
+        if entry.count > self.free:
+            delay = min(self.cap, self.base * 2 ** min(entry.count - self.free - 1, 30))
+            entry.blockedUntil = now + delay
+
+    def succeeded(self, key: str) -> None:
+        self._keys.pop(key, None)
+
+    def _current(self, key: str) -> _Failures | None:
+        entry = self._keys.get(key)
+        if entry is not None and (
+            self.clock.seconds() - entry.lastFailure > self.forgetAfter
+        ):
+            del self._keys[key]
+            return None
+        return entry
+
+    def prune(self) -> None:
+        """
+        Drop keys nobody has failed on for a while (bounded memory).
+        """
+        for key in list(self._keys):
+            self._current(key)
+
+
+class TokenBucket:
+    """
+    At most C{capacity} events at once per key, refilled at C{rate} per
+    second: the registration limit per address.
+    """
+
+    def __init__(self, clock: Any, capacity: float, rate: float) -> None:
+        self.clock = clock
+        self.capacity = capacity
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """
+        Take one token: 0 if there was one, else the seconds until there is.
+        """
+        now = self.clock.seconds()
+        tokens, then = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+    def prune(self) -> None:
+        """
+        Drop keys whose bucket has refilled (bounded memory).
+        """
+        now = self.clock.seconds()
+        for key, (tokens, then) in list(self._buckets.items()):
+            if tokens + (now - then) * self.rate >= self.capacity:
+                del self._buckets[key]

@@ -1,0 +1,536 @@
+"""
+The authentication service (C{twistd netlab-auth}): register, log in,
+resume a session with a token, log out, change password
+(C{docs/protocol.md} section 3.2).
+
+Authentication goes through L{twisted.cred}: a L{Portal} with two checkers
+(L{PasswordChecker} for L{IUsernamePassword}, verifying argon2id hashes in
+threads; L{TokenChecker} for L{ISessionToken}) and a realm that hands the
+connection (the I{mind}) an L{IAccount} avatar.  The chat service reuses
+all of it: L{AuthProtocol} is the base of its protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from twisted.application.service import IService
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress
+from twisted.python.usage import UsageError
+from zope.interface import Attribute, Interface, implementer
+
+from twisted_lab.accounts import (
+    DEFAULT_MEMORY_KIB,
+    DEFAULT_PARALLELISM,
+    DEFAULT_TIME_COST,
+    FailureThrottle,
+    PasswordHasher,
+    TokenBucket,
+    canonicalUsername,
+    checkPassword,
+    newToken,
+    throttleKey,
+    tokenDigest,
+)
+from twisted_lab.messages import (
+    DEFAULT_MAX_LENGTH,
+    Message,
+    MessageProtocol,
+    RequestError,
+    Text,
+)
+from twisted_lab.server import (
+    OrderedServices,
+    ServerFactory,
+    ServerOptions,
+    nonNegativeFloat,
+    positiveInt,
+)
+from twisted_lab.store import DEFAULT_PATH, Store, StoreService
+
+DEFAULT_PORT = 9092
+DEFAULT_SESSION_IDLE = 24 * 3600.0
+DEFAULT_SESSION_MAX = 7 * 24 * 3600.0
+DEFAULT_REGISTRATIONS_PER_HOUR = 20
+#: Failed logins before back-off starts: per account, per client address.
+ACCOUNT_FREE_FAILURES = 5
+ADDRESS_FREE_FAILURES = 20
+
+BAD_CREDENTIALS = RequestError("bad_credentials", "wrong username or password")
+
+
+def rfc3339(timestamp: float) -> str:
+    """
+    C{timestamp} as RFC 3339 UTC with second precision.
+    """
+    return (
+        datetime.fromtimestamp(timestamp, UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
+
+
+# -- cred: credentials, checkers, realm --------------------------------------
+
+
+class ISessionToken(ICredentials):
+    """
+    A session token presented to resume a session.
+    """
+
+    token = Attribute("The token, as the client sent it.")
+
+
+@implementer(IUsernamePassword)
+class PasswordCredentials:
+    """
+    A username and password as text.  Unlike Twisted's C{UsernamePassword}
+    it cannot check itself: passwords are only ever checked against a
+    slow hash, by L{PasswordChecker}, never with C{==}.
+    """
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+
+    def checkPassword(self, password: Any) -> bool:
+        raise NotImplementedError("use PasswordChecker")
+
+
+@implementer(ISessionToken)
+class SessionToken:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        #: Set by L{TokenChecker}: when the session expires if left idle.
+        self.expiresAt = 0.0
+
+
+class IAccount(Interface):
+    """
+    The avatar of a logged-in user.
+    """
+
+    username = Attribute("The canonical username.")
+
+
+@implementer(IAccount)
+class Account:
+    def __init__(self, username: str) -> None:
+        self.username = username
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks a username and password against the stored argon2id hash.
+    Unknown users are checked against a dummy hash (same time, same
+    answer); a hash made with older parameters is replaced on success.
+    The password is never compared with C{==}.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store: Store, hasher: PasswordHasher) -> None:
+        self.store = store
+        self.hasher = hasher
+
+    async def _check(self, credentials: Any) -> str:
+        username = credentials.username
+        stored = await self.store.passwordHash(username) if username else None
+        ok, newHash = await self.hasher.verify(credentials.password, stored)
+        if not ok:
+            raise UnauthorizedLogin()
+        if newHash is not None:
+            await self.store.setPasswordHash(username, newHash)
+        return str(username)
+
+    def requestAvatarId(self, credentials: Any) -> Any:
+        return defer.ensureDeferred(self._check(credentials))
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """
+    Checks a session token: its digest must name a live session.
+    """
+
+    credentialInterfaces = (ISessionToken,)
+
+    def __init__(self, store: Store, clock: Any, idle: float) -> None:
+        self.store = store
+        self.clock = clock
+        self.idle = idle
+
+    async def _check(self, credentials: Any) -> str:
+        session = await self.store.useSession(
+            tokenDigest(credentials.token), self.clock.seconds(), self.idle
+        )
+        if session is None:
+            raise UnauthorizedLogin()
+        username, credentials.expiresAt = session
+        return username
+
+    def requestAvatarId(self, credentials: Any) -> Any:
+        return defer.ensureDeferred(self._check(credentials))
+
+
+@implementer(IRealm)
+class AccountRealm:
+    """
+    Makes the L{IAccount} avatar of a logged-in user.
+    """
+
+    def requestAvatar(
+        self, avatarId: Any, mind: Any, *interfaces: Any
+    ) -> tuple[Any, Account, Any]:
+        if IAccount not in interfaces:
+            raise NotImplementedError("only IAccount avatars are made here")
+        return IAccount, Account(avatarId), lambda: None
+
+
+# -- the protocol -----------------------------------------------------------
+
+
+USERNAME = Text(maxChars=1024)
+PASSWORD = Text(maxChars=4096)
+
+
+class AuthProtocol(MessageProtocol):
+    """
+    One client of the auth service (and the base of the chat protocol).
+    """
+
+    factory: AuthFactory
+    requests = {
+        "register": {"username": USERNAME, "password": PASSWORD},
+        "login": {"username": USERNAME, "password": PASSWORD},
+        "resume": {"token": Text(maxChars=4096)},
+        "whoami": {},
+        "logout": {},
+        "change_password": {"old": PASSWORD, "new": PASSWORD},
+        "ping": {},
+    }
+
+    account: Account | None = None
+    sessionDigest: bytes | None = None
+
+    @property
+    def clientKey(self) -> str:
+        return throttleKey(getattr(self.transport.getPeer(), "host", "?"))
+
+    def rateLimited(self, seconds: float, what: str) -> RequestError:
+        retry = max(1, math.ceil(seconds))
+        self.log.info(
+            "{peer}: {what} rate limited for {retry_after} s",
+            event="rate_limited",
+            peer=self.peer,
+            what=what,
+            retry_after=retry,
+        )
+        return RequestError(
+            "rate_limited",
+            f"too many attempts; try again in {retry} s",
+            retry_after=retry,
+        )
+
+    async def request_register(self, message: Message) -> Message:
+        factory = self.factory
+        wait = factory.registrations.take(self.clientKey)
+        if wait:
+            raise self.rateLimited(wait, "registration")
+        username = canonicalUsername(message["username"])
+        checkPassword(message["password"])
+        passwordHash = await factory.hasher.hash(message["password"])
+        if not await factory.store.createAccount(username, passwordHash, factory.now()):
+            raise RequestError("username_taken", f"{username!r} is taken")
+        self.log.info(
+            "{peer} registered {username}",
+            event="user_registered",
+            peer=self.peer,
+            username=username,
+        )
+        return {"type": "registered", "username": username}
+
+    async def request_login(self, message: Message) -> Message:
+        factory = self.factory
+        try:
+            username = canonicalUsername(message["username"])
+        except RequestError:
+            username = ""  # cannot exist: checked against the dummy hash
+        wait = max(
+            factory.accountFailures.retryAfter(username),
+            factory.addressFailures.retryAfter(self.clientKey),
+        )
+        if wait:
+            raise self.rateLimited(wait, "login")
+        try:
+            _, avatar, _ = await factory.portal.login(
+                PasswordCredentials(username, message["password"]),
+                self,
+                IAccount,
+            )
+        except UnauthorizedLogin:
+            factory.accountFailures.failed(username)
+            factory.addressFailures.failed(self.clientKey)
+            self.log.info(
+                "{peer}: failed login as {username}",
+                event="login_failed",
+                peer=self.peer,
+                username=username,
+            )
+            raise BAD_CREDENTIALS from None
+        factory.accountFailures.succeeded(username)
+        return await self._startSession(avatar, "login_succeeded")
+
+    async def _startSession(self, avatar: Any, event: str) -> Message:
+        factory = self.factory
+        token = newToken()
+        digest = tokenDigest(token)
+        expires = await factory.store.createSession(
+            digest,
+            avatar.username,
+            factory.now(),
+            factory.sessionIdle,
+            factory.sessionMax,
+        )
+        self._loggedIn(avatar, digest)
+        self.log.info(
+            "{peer} logged in as {username}",
+            event=event,
+            peer=self.peer,
+            username=avatar.username,
+        )
+        return self._sessionReply(token, expires)
+
+    def _sessionReply(self, token: str, expires: float) -> Message:
+        assert self.account is not None
+        return {
+            "type": "session",
+            "username": self.account.username,
+            "token": token,
+            "expires_at": rfc3339(expires),
+        }
+
+    def _loggedIn(self, avatar: Account, digest: bytes) -> None:
+        """
+        The connection now acts as C{avatar} (the chat protocol extends it).
+        """
+        self.account = avatar
+        self.sessionDigest = digest
+
+    async def request_resume(self, message: Message) -> Message:
+        credentials = SessionToken(message["token"])
+        try:
+            _, avatar, _ = await self.factory.portal.login(credentials, self, IAccount)
+        except UnauthorizedLogin:
+            raise RequestError(
+                "invalid_token", "unknown, expired or revoked token"
+            ) from None
+        self._loggedIn(cast(Account, avatar), tokenDigest(credentials.token))
+        self.log.info(
+            "{peer} resumed the session of {username}",
+            event="session_resumed",
+            peer=self.peer,
+            username=cast(Account, avatar).username,
+        )
+        return self._sessionReply(credentials.token, credentials.expiresAt)
+
+    async def requireSession(self) -> Account:
+        """
+        The connection's account if its session is still live (it may have
+        been revoked elsewhere or expired); else C{not_authenticated}.
+        """
+        if self.account is None or self.sessionDigest is None:
+            raise RequestError("not_authenticated", "log in or resume a session first")
+        factory = self.factory
+        live = await factory.store.useSession(
+            self.sessionDigest, factory.now(), factory.sessionIdle
+        )
+        if live is None:
+            self._loggedOut()
+            raise RequestError(
+                "not_authenticated", "the session has expired or was revoked"
+            )
+        return self.account
+
+    def _loggedOut(self) -> None:
+        self.account = None
+        self.sessionDigest = None
+
+    async def request_whoami(self, message: Message) -> Message:
+        account = await self.requireSession()
+        return {"type": "identity", "username": account.username}
+
+    async def request_logout(self, message: Message) -> Message:
+        account = await self.requireSession()
+        assert self.sessionDigest is not None
+        await self.factory.store.deleteSession(self.sessionDigest)
+        self._loggedOut()
+        self.log.info(
+            "{peer}: {username} logged out",
+            event="logged_out",
+            peer=self.peer,
+            username=account.username,
+        )
+        return {"type": "logged_out"}
+
+    async def request_change_password(self, message: Message) -> Message:
+        account = await self.requireSession()
+        factory = self.factory
+        checkPassword(message["new"])
+        stored = await factory.store.passwordHash(account.username)
+        ok, _ = await factory.hasher.verify(message["old"], stored)
+        if not ok:
+            raise BAD_CREDENTIALS
+        newHash = await factory.hasher.hash(message["new"])
+        await factory.store.setPasswordHash(
+            account.username, newHash, keepSession=self.sessionDigest
+        )
+        self.log.info(
+            "{peer}: {username} changed password",
+            event="password_changed",
+            peer=self.peer,
+            username=account.username,
+        )
+        return {"type": "password_changed"}
+
+    def request_ping(self, message: Message) -> Message:
+        return {"type": "pong"}
+
+
+class AuthFactory(ServerFactory):
+    """
+    Shared state of the auth service: store, hasher, portal, throttles.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hasher: PasswordHasher,
+        *,
+        sessionIdle: float = DEFAULT_SESSION_IDLE,
+        sessionMax: float = DEFAULT_SESSION_MAX,
+        registrationsPerHour: int = DEFAULT_REGISTRATIONS_PER_HOUR,
+        **settings: Any,
+    ) -> None:
+        settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
+        super().__init__(**settings)
+        self.store = store
+        self.hasher = hasher
+        self.sessionIdle = sessionIdle
+        self.sessionMax = sessionMax
+        self.registrationsPerHour = registrationsPerHour
+        self._throttlesFor: Any = None
+
+    def startFactory(self) -> None:
+        self.ensureReady()
+
+    def ensureReady(self) -> None:
+        """
+        Build what needs the clock (known once the service starts).
+        """
+        if self._throttlesFor is self.clock:
+            return
+        self._throttlesFor = clock = self.clock
+        self.portal = Portal(
+            AccountRealm(),
+            [
+                PasswordChecker(self.store, self.hasher),
+                TokenChecker(self.store, clock, self.sessionIdle),
+            ],
+        )
+        self.accountFailures = FailureThrottle(clock, free=ACCOUNT_FREE_FAILURES)
+        self.addressFailures = FailureThrottle(clock, free=ADDRESS_FREE_FAILURES)
+        self.registrations = TokenBucket(
+            clock,
+            capacity=self.registrationsPerHour,
+            rate=self.registrationsPerHour / 3600.0,
+        )
+
+    def buildProtocol(self, addr: IAddress | None) -> AuthProtocol:
+        self.ensureReady()
+        protocol = self.protocolClass()
+        protocol.factory = self
+        return protocol
+
+    protocolClass: type[AuthProtocol] = AuthProtocol
+
+
+class Options(ServerOptions):
+    """
+    Options of C{twistd netlab-auth}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Accounts and sessions: register, login, resume, whoami, logout, "
+        "change_password.  Listens on 127.0.0.1:9092 by default."
+    )
+    defaultPort = DEFAULT_PORT
+    defaultMaxLength = DEFAULT_MAX_LENGTH
+    optParameters = [
+        ["db", None, DEFAULT_PATH, "The SQLite database file."],
+        ["hash-memory-kib", None, DEFAULT_MEMORY_KIB, "argon2id memory cost.", int],
+        ["hash-time-cost", None, DEFAULT_TIME_COST, "argon2id iterations.", int],
+        ["hash-parallelism", None, DEFAULT_PARALLELISM, "argon2id lanes.", int],
+        [
+            "session-idle",
+            None,
+            DEFAULT_SESSION_IDLE,
+            "Seconds a session lives unused.",
+            nonNegativeFloat,
+        ],
+        [
+            "session-max",
+            None,
+            DEFAULT_SESSION_MAX,
+            "Seconds a session lives at most.",
+            nonNegativeFloat,
+        ],
+        [
+            "registrations-per-hour",
+            None,
+            DEFAULT_REGISTRATIONS_PER_HOUR,
+            "Registrations allowed per client address per hour.",
+            positiveInt,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["hash-memory-kib"] < 8 * self["hash-parallelism"]:
+            raise UsageError("--hash-memory-kib must be at least 8 per lane")
+        if self["hash-time-cost"] < 1 or self["hash-parallelism"] < 1:
+            raise UsageError("--hash-time-cost and --hash-parallelism must be >= 1")
+        super().postOptions()
+
+    def hasher(self) -> PasswordHasher:
+        return PasswordHasher(
+            self["hash-memory-kib"], self["hash-time-cost"], self["hash-parallelism"]
+        )
+
+    def authSettings(self) -> dict[str, Any]:
+        return {
+            "sessionIdle": self["session-idle"],
+            "sessionMax": self["session-max"],
+            "registrationsPerHour": self["registrations-per-hour"],
+            **self.factorySettings(),
+        }
+
+
+def makeService(config: Options) -> IService:
+    """
+    The auth server described by C{config} (called by twistd).
+    """
+    store = Store(config["db"])
+    factory = AuthFactory(store, config.hasher(), **config.authSettings())
+    top = OrderedServices()
+    StoreService(store).setServiceParent(top)
+    config.makeNetlabService("netlab-auth", factory).setServiceParent(top)
+    return top
