@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet import defer, error
 from twisted.internet.task import react
 
@@ -175,7 +176,16 @@ async def connectOrAbort(
     """
     host, port = options.host, options.port
     try:
-        return await connect(reactor, host, port, client, options.timeout, options.bind)
+        return await connect(
+            reactor,
+            host,
+            port,
+            client,
+            options.timeout,
+            options.bind,
+            tls=getattr(options, "tls", False),
+            cafile=getattr(options, "cafile", None),
+        )
     except error.ConnectionRefusedError:
         raise Abort(
             f"cannot connect to {host}:{port}: connection refused "
@@ -447,6 +457,8 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
         raise Abort(describeError(e)) from None
     except (error.ConnectionDone, error.ConnectionLost) as e:
         raise Abort(f"connection lost: {e}") from None
+    except SSLError as e:
+        raise Abort(f"TLS failed: {e}") from None
     await frames.close()
     return 0
 
