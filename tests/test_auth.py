@@ -151,6 +151,7 @@ class CredTests(TestCase):
         self.addCleanup(store.close)
         yield defer.ensureDeferred(store.open())
         hasher = cheapHasher()
+        self.addCleanup(hasher.stop)
         checker = PasswordChecker(store, hasher)
         self.assertTrue(verifyObject(ICredentialsChecker, checker))
         self.assertTrue(
@@ -172,9 +173,9 @@ class AuthHarness(TestCase):
         self.clock = kwargs.pop("clock", None) or Clock()
         self.clock.advance(1_800_000_000)
         kwargs.setdefault("idleTimeout", None)  # tests move the clock by hours
-        factory = AuthFactory(
-            store, hasher or cheapHasher(), clock=self.clock, **kwargs
-        )
+        hasher = hasher or cheapHasher()
+        self.addCleanup(hasher.stop)
+        factory = AuthFactory(store, hasher, clock=self.clock, **kwargs)
         self.recorder = EventRecorder()
         factory.log = self.recorder.logger
         return factory

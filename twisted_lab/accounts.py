@@ -19,17 +19,20 @@ throttling, everything the auth and chat services share about who a user is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
 import re
 import secrets
+import threading
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 from passlib.context import CryptContext
 from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
 
 from twisted_lab.messages import RequestError
 
@@ -94,9 +97,33 @@ def tokenDigest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+#: How much nicer than the server's other threads the hashing threads are.
+HASH_THREAD_NICENESS = 10
+
+
+def _lowerThisThreadsPriority() -> None:
+    """
+    Make the calling thread background work for the OS scheduler (Linux
+    schedules threads individually).  Hashing keeps every idle core busy,
+    but the reactor and database threads preempt it at once, so requests
+    that need no hash (whoami, chat) stay fast during a login storm.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICENESS)
+
+
+def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
 class PasswordHasher:
     """
     argon2id hashing off the reactor thread, with bounded concurrency.
+
+    Hashes run in a thread pool of their own, whose threads run at a lower
+    OS priority than the reactor's, and a L{defer.DeferredSemaphore} lets at
+    most C{concurrency} (default: the number of cores) run at once, since
+    each holds its full memory cost while it runs.
     """
 
     def __init__(
@@ -105,6 +132,7 @@ class PasswordHasher:
         timeCost: int = DEFAULT_TIME_COST,
         parallelism: int = DEFAULT_PARALLELISM,
         concurrency: int | None = None,
+        reactor: Any = None,
     ) -> None:
         self.context = CryptContext(
             schemes=["argon2"],
@@ -113,11 +141,46 @@ class PasswordHasher:
             argon2__time_cost=timeCost,
             argon2__parallelism=parallelism,
         )
-        self.semaphore = defer.DeferredSemaphore(concurrency or os.cpu_count() or 1)
+        self.concurrency = concurrency or os.cpu_count() or 1
+        self.semaphore = defer.DeferredSemaphore(self.concurrency)
+        self._reactor = reactor
+        self._pool: ThreadPool | None = None
+        self._niced = threading.local()
         self._dummy: str | None = None
 
+    def _threadPool(self) -> tuple[Any, ThreadPool]:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        if self._pool is None:
+            self._pool = ThreadPool(0, self.concurrency, name="netlab-hash")
+            # Daemon threads: a hash still running when the process exits
+            # answers nobody, so it must not hold the exit up.
+            self._pool.threadFactory = _daemonThread  # type: ignore[assignment]
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return self._reactor, self._pool
+
+    def stop(self) -> None:
+        """
+        Stop the hashing threads (at shutdown; also for tests).
+        """
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+    def _run(self, function: Any, *args: Any) -> Any:
+        if not getattr(self._niced, "done", False):
+            _lowerThisThreadsPriority()
+            self._niced.done = True
+        return function(*args)
+
     def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
-        return self.semaphore.run(threads.deferToThread, function, *args)
+        reactor, pool = self._threadPool()
+        return self.semaphore.run(
+            threads.deferToThreadPool, reactor, pool, self._run, function, *args
+        )
 
     def hash(self, password: str) -> defer.Deferred[str]:
         """

@@ -74,6 +74,7 @@ class FramedSocket(socket.socket):
                 if source_address is not None:
                     sock.bind(source_address)
                 sock.connect(address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
             except OSError as e:
                 last = e
@@ -87,8 +88,9 @@ class FramedSocket(socket.socket):
         payload = message.encode("utf-8") if isinstance(message, str) else message
         if len(payload) > 0xFFFFFFFF:
             raise FrameTooLong(f"{len(payload)} bytes do not fit in one frame")
-        self.sendall(HEADER.pack(len(payload)))
-        self.sendall(payload)
+        # One send for header and payload: two small sends in a row meet
+        # Nagle's algorithm and the peer's delayed ACK (a 40 ms stall).
+        self.sendall(HEADER.pack(len(payload)) + payload)
 
     def recv_message(self) -> bytes:
         """

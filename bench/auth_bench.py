@@ -1,0 +1,185 @@
+"""
+Auth benchmark: logins per second against the hash-bound limit, and the
+latency of `whoami` on another connection during the login storm.
+
+    python bench/auth_bench.py [--duration 10] [--clients 8]
+
+The hash-bound limit is measured in the same run: the seconds one argon2id
+verification takes here with the server's default parameters, and
+limit = cores / seconds-per-hash (hashing is the work a login cannot avoid).
+The storm: --clients connections each logging in again and again for
+--duration seconds.  Meanwhile a separate process logs in once and sends
+`whoami` every 10 ms on its own connection, recording each round trip.
+Targets (issue 4): logins/s >= 80 % of the limit; whoami p99 < 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+from twisted_lab.accounts import PasswordHasher  # noqa: E402
+from twisted_lab.wire import FramedSocket  # noqa: E402
+
+PASSWORD = "benchmark-password"
+
+
+def secondsPerHash(samples: int = 20) -> float:
+    context = PasswordHasher().context
+    stored = context.hash(PASSWORD)
+    start = time.perf_counter()
+    for _ in range(samples):
+        context.verify(PASSWORD, stored)
+    return (time.perf_counter() - start) / samples
+
+
+def startServer(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    portFile = workdir / "port"
+    process = subprocess.Popen(
+        [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile",
+            "",
+            "--logfile",
+            str(workdir / "auth.log"),
+            "netlab-auth",
+            "--port",
+            "0",
+            "--port-file",
+            str(portFile),
+            "--db",
+            str(workdir / "bench.sqlite3"),
+            "--registrations-per-hour",
+            "1000000",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=workdir,
+    )
+    deadline = time.monotonic() + 20
+    while not portFile.exists():
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit("the auth server did not start")
+        time.sleep(0.05)
+    return process, int(portFile.read_text())
+
+
+def call(sock: FramedSocket, message: dict) -> dict:
+    sock.send_json(message)
+    return sock.recv_json()
+
+
+def probe(port: int, duration: float) -> None:
+    """
+    (Run as a subprocess.) Log in, then whoami every 10 ms; print the
+    latencies in milliseconds as JSON.
+    """
+    with FramedSocket.connect_to("127.0.0.1", port) as s:
+        reply = call(s, {"type": "login", "username": "prober", "password": PASSWORD})
+        assert reply["type"] == "session", reply
+        latencies = []
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            reply = call(s, {"type": "whoami"})
+            latencies.append((time.perf_counter() - start) * 1000)
+            assert reply == {"type": "identity", "username": "prober"}, reply
+            time.sleep(0.01)
+    print(json.dumps(latencies))
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--probe", nargs=2, metavar=("PORT", "DURATION"))
+    options = parser.parse_args()
+    if options.probe:
+        probe(int(options.probe[0]), float(options.probe[1]))
+        return
+
+    cores = os.cpu_count() or 1
+    perHash = secondsPerHash()
+    limit = cores / perHash
+    print(f"one argon2id verification: {perHash * 1000:.1f} ms; {cores} cores")
+    print(f"hash-bound limit: {limit:.1f} logins/s")
+
+    workdir = Path(tempfile.mkdtemp(prefix="netlab-auth-bench-"))
+    server, port = startServer(workdir)
+    try:
+        with FramedSocket.connect_to("127.0.0.1", port) as s:
+            for i in range(options.clients):
+                call(
+                    s,
+                    {"type": "register", "username": f"user{i}", "password": PASSWORD},
+                )
+            call(s, {"type": "register", "username": "prober", "password": PASSWORD})
+
+        counts = [0] * options.clients
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def storm(i: int) -> None:
+            with FramedSocket.connect_to("127.0.0.1", port) as s:
+                while not stop.is_set():
+                    reply = call(
+                        s,
+                        {"type": "login", "username": f"user{i}", "password": PASSWORD},
+                    )
+                    if reply.get("type") == "session":
+                        counts[i] += 1
+                    else:
+                        errors.append(str(reply))
+
+        prober = subprocess.Popen(
+            [sys.executable, __file__, "--probe", str(port), str(options.duration)],
+            stdout=subprocess.PIPE,
+        )
+        threads = [
+            threading.Thread(target=storm, args=(i,)) for i in range(options.clients)
+        ]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        out, _ = prober.communicate(timeout=options.duration + 60)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        elapsed = time.perf_counter() - start
+        latencies = json.loads(out)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    rate = sum(counts) / elapsed
+    print(
+        f"logins: {sum(counts)} in {elapsed:.1f} s = {rate:.1f}/s "
+        f"({rate / limit:.0%} of the hash-bound limit); errors: {len(errors)}"
+    )
+    print(
+        f"whoami during the storm: {len(latencies)} calls, "
+        f"p50 {statistics.median(latencies):.2f} ms, "
+        f"p99 {percentile(latencies, 99):.2f} ms, max {max(latencies):.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
