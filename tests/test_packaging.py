@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers import REPO
 
-PLUGINS = ["netlab-echo", "netlab-identity", "netlab-auth"]
+PLUGINS = ["netlab-echo", "netlab-identity", "netlab-auth", "netlab-chat"]
 
 
 def run(*command: str | Path, cwd: Path) -> str:

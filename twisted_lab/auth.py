@@ -23,6 +23,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from zope.interface import Attribute, Interface, implementer
 
@@ -220,6 +222,7 @@ class AuthProtocol(MessageProtocol):
 
     account: Account | None = None
     sessionDigest: bytes | None = None
+    _logout: Any = None
 
     @property
     def clientKey(self) -> str:
@@ -271,7 +274,7 @@ class AuthProtocol(MessageProtocol):
         if wait:
             raise self.rateLimited(wait, "login")
         try:
-            _, avatar, _ = await factory.portal.login(
+            _, avatar, logout = await factory.portal.login(
                 PasswordCredentials(username, message["password"]),
                 self,
                 IAccount,
@@ -287,20 +290,24 @@ class AuthProtocol(MessageProtocol):
             )
             raise BAD_CREDENTIALS from None
         factory.accountFailures.succeeded(username)
-        return await self._startSession(avatar, "login_succeeded")
+        return await self._startSession(avatar, logout, "login_succeeded")
 
-    async def _startSession(self, avatar: Any, event: str) -> Message:
+    async def _startSession(self, avatar: Any, logout: Any, event: str) -> Message:
         factory = self.factory
         token = newToken()
         digest = tokenDigest(token)
-        expires = await factory.store.createSession(
-            digest,
-            avatar.username,
-            factory.now(),
-            factory.sessionIdle,
-            factory.sessionMax,
-        )
-        self._loggedIn(avatar, digest)
+        try:
+            expires = await factory.store.createSession(
+                digest,
+                avatar.username,
+                factory.now(),
+                factory.sessionIdle,
+                factory.sessionMax,
+            )
+        except BaseException:
+            logout()
+            raise
+        self._loggedIn(avatar, digest, logout)
         self.log.info(
             "{peer} logged in as {username}",
             event=event,
@@ -318,22 +325,27 @@ class AuthProtocol(MessageProtocol):
             "expires_at": rfc3339(expires),
         }
 
-    def _loggedIn(self, avatar: Account, digest: bytes) -> None:
+    def _loggedIn(self, avatar: Account, digest: bytes, logout: Any) -> None:
         """
-        The connection now acts as C{avatar} (the chat protocol extends it).
+        The connection now acts as C{avatar}; C{logout} (from the realm)
+        is called when it stops doing so.
         """
+        self._loggedOut()
         self.account = avatar
         self.sessionDigest = digest
+        self._logout = logout
 
     async def request_resume(self, message: Message) -> Message:
         credentials = SessionToken(message["token"])
         try:
-            _, avatar, _ = await self.factory.portal.login(credentials, self, IAccount)
+            _, avatar, logout = await self.factory.portal.login(
+                credentials, self, IAccount
+            )
         except UnauthorizedLogin:
             raise RequestError(
                 "invalid_token", "unknown, expired or revoked token"
             ) from None
-        self._loggedIn(cast(Account, avatar), tokenDigest(credentials.token))
+        self._loggedIn(cast(Account, avatar), tokenDigest(credentials.token), logout)
         self.log.info(
             "{peer} resumed the session of {username}",
             event="session_resumed",
@@ -361,8 +373,15 @@ class AuthProtocol(MessageProtocol):
         return self.account
 
     def _loggedOut(self) -> None:
+        logout, self._logout = self._logout, None
         self.account = None
         self.sessionDigest = None
+        if logout is not None:
+            logout()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._loggedOut()
+        MessageProtocol.connectionLost(self, reason)
 
     async def request_whoami(self, message: Message) -> Message:
         account = await self.requireSession()
@@ -440,7 +459,7 @@ class AuthFactory(ServerFactory):
             return
         self._throttlesFor = clock = self.clock
         self.portal = Portal(
-            AccountRealm(),
+            self.makeRealm(),
             [
                 PasswordChecker(self.store, self.hasher),
                 TokenChecker(self.store, clock, self.sessionIdle),
@@ -453,6 +472,12 @@ class AuthFactory(ServerFactory):
             capacity=self.registrationsPerHour,
             rate=self.registrationsPerHour / 3600.0,
         )
+
+    def makeRealm(self) -> Any:
+        """
+        The realm that makes avatars (the chat service makes chat users).
+        """
+        return AccountRealm()
 
     def buildProtocol(self, addr: IAddress | None) -> AuthProtocol:
         self.ensureReady()

@@ -73,6 +73,21 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
             "CREATE INDEX sessions_by_user ON sessions (username)",
         ),
     ),
+    (
+        3,
+        (
+            """
+            CREATE TABLE chat_messages (
+                room TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                sender TEXT NOT NULL,
+                text TEXT NOT NULL,
+                ts TEXT NOT NULL,
+                PRIMARY KEY (room, seq)
+            ) WITHOUT ROWID
+            """,
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -260,6 +275,47 @@ class Store:
         """
         return self.transaction(_deleteSession, digest)
 
+    # -- chat -------------------------------------------------------------------
+
+    def lastSeq(self, room: str) -> defer.Deferred[int]:
+        """
+        The highest C{seq} stored for C{room} (0 for none).
+        """
+        return self.transaction(_lastSeq, room)
+
+    def storeMessages(
+        self, messages: Sequence[tuple[str, int, str, str, str]]
+    ) -> defer.Deferred[None]:
+        """
+        Store (room, seq, sender, text, ts) rows in one transaction: the
+        group commit of every message of one reactor turn.
+        """
+        return self.transaction(_storeMessages, messages)
+
+    def history(
+        self, room: str, after: int, limit: int
+    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
+        """
+        Up to C{limit} (seq, sender, text, ts) of C{room} after C{after},
+        oldest first.
+        """
+        return self.transaction(_history, room, after, limit)
+
+    def recentHistory(
+        self, room: str, limit: int
+    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
+        """
+        The last C{limit} messages of C{room}, oldest first.
+        """
+        return self.transaction(_recentHistory, room, limit)
+
+    def roomsWithHistory(self) -> defer.Deferred[list[str]]:
+        return self.transaction(
+            lambda c: [
+                r[0] for r in c.execute("SELECT DISTINCT room FROM chat_messages")
+            ]
+        )
+
     def integrityCheck(self) -> defer.Deferred[str]:
         """
         SQLite's own verdict on the file (C{"ok"} when sound).
@@ -431,3 +487,42 @@ def _useSession(
 def _deleteSession(cursor: sqlite3.Cursor, digest: bytes) -> bool:
     cursor.execute("DELETE FROM sessions WHERE token_digest = ?", (digest,))
     return cursor.rowcount > 0
+
+
+def _lastSeq(cursor: sqlite3.Cursor, room: str) -> int:
+    row = cursor.execute(
+        "SELECT MAX(seq) FROM chat_messages WHERE room = ?", (room,)
+    ).fetchone()
+    return int(row[0] or 0)
+
+
+def _storeMessages(
+    cursor: sqlite3.Cursor, messages: Sequence[tuple[str, int, str, str, str]]
+) -> None:
+    cursor.executemany(
+        "INSERT INTO chat_messages (room, seq, sender, text, ts) "
+        "VALUES (?, ?, ?, ?, ?)",
+        messages,
+    )
+
+
+def _history(
+    cursor: sqlite3.Cursor, room: str, after: int, limit: int
+) -> list[tuple[int, str, str, str]]:
+    return cursor.execute(
+        "SELECT seq, sender, text, ts FROM chat_messages "
+        "WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (room, after, limit),
+    ).fetchall()
+
+
+def _recentHistory(
+    cursor: sqlite3.Cursor, room: str, limit: int
+) -> list[tuple[int, str, str, str]]:
+    rows = cursor.execute(
+        "SELECT seq, sender, text, ts FROM chat_messages "
+        "WHERE room = ? ORDER BY seq DESC LIMIT ?",
+        (room, limit),
+    ).fetchall()
+    rows.reverse()
+    return rows

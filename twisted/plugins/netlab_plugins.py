@@ -28,3 +28,10 @@ netlabAuth = ServiceMaker(
     "Accounts and sessions: register, login, tokens, argon2id hashes.",
     "netlab-auth",
 )
+
+netlabChat = ServiceMaker(
+    "netlab chat server",
+    "twisted_lab.chat",
+    "Chat rooms, private messages and lossless history on netlab accounts.",
+    "netlab-chat",
+)

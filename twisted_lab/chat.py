@@ -1,0 +1,622 @@
+"""
+The chat service (C{twistd netlab-chat}): rooms, broadcasts, private
+messages, and a history that loses nothing (C{docs/protocol.md} section 3.3).
+
+Shaped like C{twisted.words}: the cred realm (L{ChatRealm}) hands each
+logged-in connection a L{ChatUser} avatar and attaches the connection as the
+avatar's I{mind}; rooms are objects of the L{ChatService}, which owns
+membership, sequence numbers, the group commit and fan-out.  Accounts and
+sessions are the auth service's (same requests, same database), so a token
+from one server works on the other.
+
+A room message is broadcast only after it is committed: every message that
+arrives in one reactor turn is stored in one transaction, then broadcast in
+C{seq} order, encoded once, the same bytes written to every member.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_lab import auth
+from twisted_lab.accounts import TokenBucket, canonicalUsername
+from twisted_lab.auth import Account, AuthFactory, AuthProtocol, IAccount, rfc3339
+from twisted_lab.framing import encodeFrame
+from twisted_lab.messages import Integer, Message, RequestError, Text, encodeMessage
+from twisted_lab.server import OrderedServices, positiveInt
+from twisted_lab.store import Store, StoreService
+
+DEFAULT_PORT = 9093
+ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
+MAX_TEXT = 4000
+HISTORY_ON_JOIN = 50
+MAX_HISTORY = 500
+DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
+DEFAULT_MESSAGE_RATE = 10.0
+DEFAULT_MESSAGE_BURST = 20
+
+
+def positiveFloat(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+def validRoom(raw: str) -> str:
+    if not ROOM_PATTERN.fullmatch(raw):
+        raise RequestError(
+            "invalid_room", "a room name has 1 to 32 characters from a-z, 0-9, _ and -"
+        )
+    return raw
+
+
+def validText(text: str) -> str:
+    if not 1 <= len(text) <= MAX_TEXT:
+        raise RequestError("bad_request", f"a message has 1 to {MAX_TEXT} characters")
+    return text
+
+
+class Room:
+    """
+    One room: who is in it (users, each with their connections) and the
+    last C{seq} given out.
+    """
+
+    def __init__(self, name: str, lastSeq: int) -> None:
+        self.name = name
+        self.lastSeq = lastSeq
+        self.members: dict[str, set[ChatProtocol]] = {}
+
+    def connections(self) -> Iterable[ChatProtocol]:
+        for connections in list(self.members.values()):
+            yield from list(connections)
+
+
+@implementer(IAccount)
+class ChatUser(Account):
+    """
+    The avatar of a logged-in chat user; its minds are its connections.
+    """
+
+    def __init__(self, username: str) -> None:
+        super().__init__(username)
+        self.minds: set[ChatProtocol] = set()
+
+
+@implementer(IRealm)
+class ChatRealm:
+    """
+    Hands each logged-in connection the user's avatar and attaches the
+    connection to it; the logout callable detaches it.
+    """
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    def requestAvatar(
+        self, avatarId: Any, mind: Any, *interfaces: Any
+    ) -> tuple[Any, ChatUser, Any]:
+        if IAccount not in interfaces:
+            raise NotImplementedError("only IAccount avatars are made here")
+        user = self.service.attach(str(avatarId), mind)
+        return IAccount, user, lambda: self.service.detach(user, mind)
+
+
+class ChatService:
+    """
+    Rooms, online users, sequence numbers, the group commit and fan-out.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: Store, clock: Any = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.users: dict[str, ChatUser] = {}
+        self.rooms: dict[str, Room] = {}
+        self._loading: dict[str, defer.Deferred[Room]] = {}
+        self._batch: list[tuple[Room, str, str, defer.Deferred[None]]] = []
+        self._flushCall: IDelayedCall | None = None
+        self._flushing = False
+
+    # -- users ------------------------------------------------------------------
+
+    def attach(self, username: str, mind: ChatProtocol) -> ChatUser:
+        user = self.users.get(username)
+        if user is None:
+            user = self.users[username] = ChatUser(username)
+        user.minds.add(mind)
+        return user
+
+    def detach(self, user: ChatUser, mind: ChatProtocol) -> None:
+        for name in list(mind.joined):
+            self.leave(self.rooms[name], user, mind)
+        user.minds.discard(mind)
+        if not user.minds and self.users.get(user.username) is user:
+            del self.users[user.username]
+
+    # -- rooms ------------------------------------------------------------------
+
+    async def room(self, name: str) -> Room:
+        """
+        The room called C{name}, its C{seq} loaded from the store.
+        """
+        room = self.rooms.get(name)
+        if room is not None:
+            return room
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = defer.ensureDeferred(self._load(name))
+        return await _share(loading)
+
+    async def _load(self, name: str) -> Room:
+        try:
+            lastSeq = await self.store.lastSeq(name)
+        finally:
+            self._loading.pop(name, None)
+        room = self.rooms.setdefault(name, Room(name, lastSeq))
+        return room
+
+    def join(self, room: Room, user: ChatUser, mind: ChatProtocol) -> bool:
+        """
+        Add a connection; True if the user was not in the room before.
+        """
+        connections = room.members.setdefault(user.username, set())
+        newcomer = not connections
+        connections.add(mind)
+        mind.joined.add(room.name)
+        if newcomer:
+            self.broadcast(
+                room,
+                {
+                    "type": "presence",
+                    "room": room.name,
+                    "user": user.username,
+                    "event": "join",
+                },
+                exclude=mind,
+            )
+        return newcomer
+
+    def leave(self, room: Room, user: ChatUser, mind: ChatProtocol) -> bool:
+        """
+        Remove a connection; True if the user is no longer in the room.
+        """
+        mind.joined.discard(room.name)
+        connections = room.members.get(user.username)
+        if connections is None or mind not in connections:
+            return False
+        connections.discard(mind)
+        if connections:
+            return False
+        del room.members[user.username]
+        self.broadcast(
+            room,
+            {
+                "type": "presence",
+                "room": room.name,
+                "user": user.username,
+                "event": "leave",
+            },
+        )
+        return True
+
+    # -- messages ---------------------------------------------------------------
+
+    def post(self, room: Room, sender: str, text: str) -> defer.Deferred[None]:
+        """
+        Queue a message for the next group commit; fires once it is
+        committed and broadcast.
+        """
+        done: defer.Deferred[None] = defer.Deferred()
+        self._batch.append((room, sender, text, done))
+        self._scheduleFlush()
+        return done
+
+    def _scheduleFlush(self) -> None:
+        if self._flushCall is None and not self._flushing:
+            self._flushCall = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flushCall = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self._flushing = True
+        before = {room.name: room.lastSeq for room, _, _, _ in batch}
+        now = rfc3339(self.clock.seconds())
+        messages = []
+        rows = []
+        for room, sender, text, done in batch:
+            room.lastSeq += 1
+            message = {
+                "type": "message",
+                "room": room.name,
+                "from": sender,
+                "text": text,
+                "ts": now,
+                "seq": room.lastSeq,
+            }
+            messages.append((room, message, done))
+            rows.append((room.name, room.lastSeq, sender, text, now))
+        d = self.store.storeMessages(rows)
+
+        def stored(_: object) -> None:
+            for room, message, done in messages:
+                self.broadcast(room, message)
+                done.callback(None)
+            self._logStored(messages)
+
+        def failed(failure: Any) -> None:
+            # Nothing was committed: give the numbers out again, so no
+            # client ever sees a gap or a seq a crash could take back.
+            for name, lastSeq in before.items():
+                self.rooms[name].lastSeq = lastSeq
+            for _, _, done in messages:
+                done.errback(failure)
+
+        def finished(_: object) -> None:
+            self._flushing = False
+            if self._batch:
+                self._scheduleFlush()
+
+        d.addCallbacks(stored, failed)
+        d.addBoth(finished)
+
+    def _logStored(self, messages: list[tuple[Room, Message, Any]]) -> None:
+        byRoom: dict[str, list[int]] = {}
+        for room, message, _ in messages:
+            byRoom.setdefault(room.name, []).append(message["seq"])
+        for name, seqs in byRoom.items():
+            self.log.info(
+                "stored {count} message(s) in {room} (seq {first}-{last})",
+                event="message_stored",
+                room=name,
+                count=len(seqs),
+                first=seqs[0],
+                last=seqs[-1],
+            )
+
+    def broadcast(
+        self, room: Room, message: Message, exclude: ChatProtocol | None = None
+    ) -> None:
+        """
+        Encode once; write the same bytes to every member connection.
+        """
+        frame = encodeFrame(encodeMessage(message))
+        for connection in room.connections():
+            if connection is not exclude:
+                connection.deliver(frame)
+
+
+def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
+    """
+    A Deferred that fires with C{d}'s result without consuming it, so
+    several waiters can wait for one room to load.
+    """
+    shared: defer.Deferred[Room] = defer.Deferred()
+
+    def passOn(result: Any) -> Any:
+        if isinstance(result, Failure):
+            shared.errback(result)
+        else:
+            shared.callback(result)
+        return result
+
+    d.addBoth(passOn)
+    return shared
+
+
+ROOM = Text(maxChars=64)
+
+
+@implementer(IPushProducer)
+class ChatProtocol(AuthProtocol):
+    """
+    One chat connection: the mind of a L{ChatUser}.
+
+    It registers itself as the producer of its transport: the transport
+    calls L{pauseProducing} when its send buffer is full (the peer is not
+    reading) and L{resumeProducing} once it drained.  Broadcast bytes
+    written while paused are counted; past C{--max-send-queue} the member
+    is a slow consumer and is cut off, so its buffer, and the server's
+    memory, stay bounded while the other members carry on.
+    """
+
+    factory: ChatFactory
+    requests = {
+        **AuthProtocol.requests,
+        "join": {"room": ROOM},
+        "leave": {"room": ROOM},
+        "say": {"room": ROOM, "text": Text(maxChars=MAX_TEXT)},
+        "msg": {"to": Text(maxChars=1024), "text": Text(maxChars=MAX_TEXT)},
+        "history": {
+            "room": ROOM,
+            "after": Integer(minimum=0, required=False),
+            "limit": Integer(minimum=1, maximum=MAX_HISTORY, required=False),
+        },
+        "who": {"room": ROOM},
+        "rooms": {},
+    }
+
+    _congested = False
+    _queuedWhileCongested = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.joined: set[str] = set()
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer, as seen by our own transport.
+    def pauseProducing(self) -> None:
+        self._congested = True
+        self._queuedWhileCongested = 0
+
+    def resumeProducing(self) -> None:
+        self._congested = False
+        self._queuedWhileCongested = 0
+
+    def stopProducing(self) -> None:
+        self._congested = False
+
+    def deliver(self, frame: bytes) -> None:
+        """
+        Write a broadcast frame (shared bytes) unless this member has
+        fallen too far behind.
+        """
+        if self.transport.disconnecting:
+            return
+        if self._congested:
+            self._queuedWhileCongested += len(frame)
+            if self._queuedWhileCongested > self.factory.maxSendQueue:
+                self.slowConsumer()
+                return
+        self.transport.write(frame)
+        self.noteSent(len(frame))
+
+    def slowConsumer(self) -> None:
+        self.log.warn(
+            "{peer} ({user}) cannot keep up; disconnecting",
+            event="slow_consumer",
+            peer=self.peer,
+            user=self.account.username if self.account else None,
+        )
+        self.sendMessage(
+            {
+                "type": "error",
+                "code": "slow_consumer",
+                "message": "you are not reading fast enough; disconnecting",
+            }
+        )
+        self.transport.abortConnection()
+
+    def chatUser(self) -> ChatUser:
+        if not isinstance(self.account, ChatUser):
+            raise RequestError("not_authenticated", "log in or resume a session first")
+        return self.account
+
+    async def request_join(self, message: Message) -> Message:
+        user = self.chatUser()
+        service = self.factory.service
+        room = await service.room(validRoom(message["room"]))
+        if self.account is not user:
+            raise RequestError("not_authenticated", "logged out meanwhile")
+        if service.join(room, user, self):
+            self.log.info(
+                "{user} joined {room}",
+                event="room_joined",
+                user=user.username,
+                room=room.name,
+            )
+        lastSeq = room.lastSeq
+        rows = await self.factory.store.recentHistory(room.name, HISTORY_ON_JOIN)
+        return {
+            "type": "joined",
+            "room": room.name,
+            "members": sorted(room.members),
+            "history": [_message(room.name, row) for row in rows],
+            "last_seq": lastSeq,
+        }
+
+    def request_leave(self, message: Message) -> Message:
+        user = self.chatUser()
+        name = validRoom(message["room"])
+        room = self.factory.service.rooms.get(name)
+        if room is not None and self.factory.service.leave(room, user, self):
+            self.log.info(
+                "{user} left {room}", event="room_left", user=user.username, room=name
+            )
+        return {"type": "left", "room": name}
+
+    async def request_say(self, message: Message) -> None:
+        user = self.chatUser()
+        name = validRoom(message["room"])
+        text = validText(message["text"])
+        if name not in self.joined:
+            raise RequestError(
+                "not_in_room", f"join {name} before saying anything there"
+            )
+        wait = self.factory.flood.take(user.username)
+        if wait:
+            raise self.rateLimited(wait, "messages")
+        service = self.factory.service
+        await service.post(service.rooms[name], user.username, text)
+        return None
+
+    def request_msg(self, message: Message) -> Message:
+        user = self.chatUser()
+        text = validText(message["text"])
+        try:
+            to = canonicalUsername(message["to"])
+        except RequestError:
+            to = ""
+        target = self.factory.service.users.get(to)
+        if target is None or not target.minds:
+            raise RequestError("no_such_user", "no such user is online")
+        frame = encodeFrame(
+            encodeMessage(
+                {
+                    "type": "private",
+                    "from": user.username,
+                    "text": text,
+                    "ts": rfc3339(self.factory.now()),
+                }
+            )
+        )
+        for mind in list(target.minds):
+            mind.deliver(frame)
+        self.log.info(
+            "{user} sent a private message to {to}",
+            event="private_sent",
+            user=user.username,
+            to=to,
+        )
+        return {"type": "sent", "to": to}
+
+    async def request_history(self, message: Message) -> Message:
+        self.chatUser()
+        name = validRoom(message["room"])
+        rows = await self.factory.store.history(
+            name, message.get("after", 0), message.get("limit", 100)
+        )
+        return {
+            "type": "history",
+            "room": name,
+            "messages": [_message(name, row) for row in rows],
+        }
+
+    def request_who(self, message: Message) -> Message:
+        self.chatUser()
+        name = validRoom(message["room"])
+        room = self.factory.service.rooms.get(name)
+        members = sorted(room.members) if room is not None else []
+        return {"type": "members", "room": name, "members": members}
+
+    async def request_rooms(self, message: Message) -> Message:
+        self.chatUser()
+        names = set(await self.factory.store.roomsWithHistory())
+        rooms = self.factory.service.rooms
+        names.update(name for name, room in rooms.items() if room.members)
+        return {
+            "type": "rooms",
+            "rooms": [
+                {
+                    "room": name,
+                    "members": len(rooms[name].members) if name in rooms else 0,
+                }
+                for name in sorted(names)
+            ],
+        }
+
+
+def _message(room: str, row: tuple[int, str, str, str]) -> Message:
+    seq, sender, text, ts = row
+    return {
+        "type": "message",
+        "room": room,
+        "from": sender,
+        "text": text,
+        "ts": ts,
+        "seq": seq,
+    }
+
+
+class ChatFactory(AuthFactory):
+    """
+    The chat server: the auth factory plus the chat service and limits.
+    """
+
+    protocolClass = ChatProtocol
+
+    def __init__(
+        self,
+        store: Store,
+        hasher: Any,
+        *,
+        maxSendQueue: int = DEFAULT_MAX_SEND_QUEUE,
+        messageRate: float = DEFAULT_MESSAGE_RATE,
+        messageBurst: int = DEFAULT_MESSAGE_BURST,
+        **settings: Any,
+    ) -> None:
+        super().__init__(store, hasher, **settings)
+        self.maxSendQueue = maxSendQueue
+        self.messageRate = messageRate
+        self.messageBurst = messageBurst
+        self.service = ChatService(store, self.clock)
+
+    def ensureReady(self) -> None:
+        if self._throttlesFor is not self.clock:
+            self.service.clock = self.clock
+            self.flood = TokenBucket(
+                self.clock, capacity=self.messageBurst, rate=self.messageRate
+            )
+        super().ensureReady()
+
+    def makeRealm(self) -> Any:
+        return ChatRealm(self.service)
+
+
+class Options(auth.Options):
+    """
+    Options of C{twistd netlab-chat}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Chat rooms, private messages and a history that loses nothing, on "
+        "the accounts of netlab-auth.  Listens on 127.0.0.1:9093 by default."
+    )
+    defaultPort = DEFAULT_PORT
+    optParameters = [
+        [
+            "max-send-queue",
+            None,
+            DEFAULT_MAX_SEND_QUEUE,
+            "Bytes a member may fall behind before it is disconnected.",
+            positiveInt,
+        ],
+        [
+            "message-rate",
+            None,
+            DEFAULT_MESSAGE_RATE,
+            "Room messages per user per second (sustained).",
+            positiveFloat,
+        ],
+        [
+            "message-burst",
+            None,
+            DEFAULT_MESSAGE_BURST,
+            "Room messages per user in a burst.",
+            positiveInt,
+        ],
+    ]
+
+
+def makeService(config: Options) -> IService:
+    """
+    The chat server described by C{config} (called by twistd).
+    """
+    store = Store(config["db"])
+    factory = ChatFactory(
+        store,
+        config.hasher(),
+        maxSendQueue=config["max-send-queue"],
+        messageRate=config["message-rate"],
+        messageBurst=config["message-burst"],
+        **config.authSettings(),
+    )
+    top = OrderedServices()
+    StoreService(store).setServiceParent(top)
+    config.makeNetlabService("netlab-chat", factory).setServiceParent(top)
+    return top
