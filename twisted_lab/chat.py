@@ -487,9 +487,11 @@ class ChatProtocol(AuthProtocol):
     async def request_history(self, message: Message) -> Message:
         self.chatUser()
         name = validRoom(message["room"])
-        rows = await self.factory.store.history(
-            name, message.get("after", 0), message.get("limit", 100)
-        )
+        limit = message.get("limit", 100)
+        if "after" in message:
+            rows = await self.factory.store.history(name, message["after"], limit)
+        else:  # (netlab) no "after": the latest `limit` messages
+            rows = await self.factory.store.recentHistory(name, limit)
         return {
             "type": "history",
             "room": name,

@@ -463,6 +463,48 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
     return 0
 
 
+# -- chat -------------------------------------------------------------------
+
+
+def prepareChat(options: argparse.Namespace) -> None:
+    """
+    Use the saved session (from C{netlab auth login}); without one, ask
+    for a username and password before connecting.
+    """
+    saved = loadSession()
+    options.token = saved["token"] if saved else None
+    if options.token is None:
+        if not options.interactive:
+            raise Abort("not logged in: run 'netlab auth login' first", code=2)
+        options.user = askUntilValid("Username", "", _nonEmpty)
+        options.password = readSecret("Password: ", False, True)
+    if (options.say is not None or options.tail is not None) and not options.room:
+        raise Abort("--say and --tail need --room", code=2)
+
+
+async def runChat(reactor: Any, options: argparse.Namespace) -> int:
+    """
+    The C{netlab chat} command.
+    """
+    from twisted_lab.chatclient import runChatSession
+
+    try:
+        return await runChatSession(
+            reactor, options, options.token, reporter(options.quiet)
+        )
+    except ServerError as e:
+        if e.code == "invalid_token":
+            forgetSession()
+            raise Abort("the saved session has expired: log in again") from None
+        raise Abort(describeError(e)) from None
+    except error.ConnectionRefusedError:
+        raise Abort(
+            f"cannot connect to {options.host}:{options.port}: connection refused"
+        ) from None
+    except (error.ConnectError, error.ConnectionDone, error.ConnectionLost) as e:
+        raise Abort(f"connection failed: {e}") from None
+
+
 # -- argument parsing and main ----------------------------------------------
 
 
@@ -538,6 +580,20 @@ def buildParser() -> argparse.ArgumentParser:
     auth.add_argument("--tls", action="store_true", help="connect with TLS")
     auth.add_argument("--cafile", help="trust this CA certificate (PEM) for TLS")
     auth.set_defaults(run=runAuth, prepare=prepareAuth)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat on netlab-chat (interactive, or --say / --tail for scripts)",
+        description="An interactive chat (type /help), using the session "
+        "saved by 'netlab auth login' or asking for username and password.",
+    )
+    common(chat, "chat")
+    chat.add_argument("--room", "-r", help="the room to join (a-z, 0-9, _ and -)")
+    chat.add_argument("--say", metavar="TEXT", help="say TEXT in --room and exit")
+    chat.add_argument(
+        "--tail", metavar="N", type=int, help="print the last N messages of --room"
+    )
+    chat.set_defaults(run=runChat, prepare=prepareChat, quiet=True)
     return parser
 
 

@@ -233,3 +233,64 @@ class JSONClient:
         if check and reply.get("type") == "error":
             raise ServerError(reply)
         return reply
+
+
+class MessageClient(FrameClient):
+    """
+    A JSON client that routes each reply to the call that carries its
+    C{id} and hands every other message (broadcasts, greetings) to
+    C{onMessage} as it arrives: for clients that must show what the
+    server sends at any time, like the chat client.
+    """
+
+    def __init__(
+        self,
+        onMessage: Callable[[dict[str, Any]], None],
+        report: Report = _silent,
+    ) -> None:
+        super().__init__(report)
+        self.onMessage = onMessage
+        self._calls: dict[int, defer.Deferred[dict[str, Any]]] = {}
+        self._nextId = 1
+
+    def stringReceived(self, frame: bytes) -> None:
+        self.report(f"received {len(frame)} bytes")
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            self.report("the server sent something that is not JSON")
+            return
+        if not isinstance(message, dict):
+            return
+        waiting = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if waiting is not None:
+            message.pop("id")
+            waiting.callback(message)
+        else:
+            self.onMessage(message)
+
+    def call(
+        self, message: dict[str, Any], check: bool = True
+    ) -> defer.Deferred[dict[str, Any]]:
+        """
+        Send a request; its reply (an C{error} reply fails with
+        L{ServerError} when C{check}).
+        """
+        requestId = self._nextId
+        self._nextId += 1
+        d: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._calls[requestId] = d
+        self.send(encodeMessage({**message, "id": requestId}))
+
+        def checked(reply: dict[str, Any]) -> dict[str, Any]:
+            if check and reply.get("type") == "error":
+                raise ServerError(reply)
+            return reply
+
+        return d.addCallback(checked)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        calls, self._calls = self._calls, {}
+        for d in calls.values():
+            d.errback(reason)
+        super().connectionLost(reason)
