@@ -177,6 +177,12 @@ class ChatService:
         connections.add(mind)
         mind.joined.add(room.name)
         if newcomer:
+            self.log.info(
+                "{user} joined {room}",
+                event="room_joined",
+                user=user.username,
+                room=room.name,
+            )
             self.broadcast(
                 room,
                 {
@@ -201,6 +207,9 @@ class ChatService:
         if connections:
             return False
         del room.members[user.username]
+        self.log.info(
+            "{user} left {room}", event="room_left", user=user.username, room=room.name
+        )
         self.broadcast(
             room,
             {
@@ -412,13 +421,7 @@ class ChatProtocol(AuthProtocol):
         room = await service.room(validRoom(message["room"]))
         if self.account is not user:
             raise RequestError("not_authenticated", "logged out meanwhile")
-        if service.join(room, user, self):
-            self.log.info(
-                "{user} joined {room}",
-                event="room_joined",
-                user=user.username,
-                room=room.name,
-            )
+        service.join(room, user, self)
         lastSeq = room.lastSeq
         rows = await self.factory.store.recentHistory(room.name, HISTORY_ON_JOIN)
         return {
@@ -433,10 +436,8 @@ class ChatProtocol(AuthProtocol):
         user = self.chatUser()
         name = validRoom(message["room"])
         room = self.factory.service.rooms.get(name)
-        if room is not None and self.factory.service.leave(room, user, self):
-            self.log.info(
-                "{user} left {room}", event="room_left", user=user.username, room=name
-            )
+        if room is not None:
+            self.factory.service.leave(room, user, self)
         return {"type": "left", "room": name}
 
     async def request_say(self, message: Message) -> None:
