@@ -262,8 +262,15 @@ class ChatService:
         d = self.store.storeMessages(rows)
 
         def stored(_: object) -> None:
-            for room, message, done in messages:
-                self.broadcast(room, message)
+            # One write per member per room for the whole batch, in seq
+            # order: each message encoded once, the same bytes for all.
+            byRoom: dict[str, tuple[Room, list[bytes]]] = {}
+            for room, message, _ in messages:
+                frame = encodeFrame(encodeMessage(message))
+                byRoom.setdefault(room.name, (room, []))[1].append(frame)
+            for room, frames in byRoom.values():
+                self.send(room, b"".join(frames))
+            for _, _, done in messages:
                 done.callback(None)
             self._logStored(messages)
 
@@ -303,10 +310,18 @@ class ChatService:
         """
         Encode once; write the same bytes to every member connection.
         """
-        frame = encodeFrame(encodeMessage(message))
-        for connection in room.connections():
+        self.send(room, encodeFrame(encodeMessage(message)), exclude)
+
+    def send(
+        self, room: Room, frames: bytes, exclude: ChatProtocol | None = None
+    ) -> None:
+        """
+        Write the same C{frames} to every member connection of C{room}.
+        """
+        now = self.clock.seconds()
+        for connection in list(room.connections()):
             if connection is not exclude:
-                connection.deliver(frame)
+                connection.deliver(frames, now)
 
 
 def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
@@ -379,7 +394,7 @@ class ChatProtocol(AuthProtocol):
     def stopProducing(self) -> None:
         self._congested = False
 
-    def deliver(self, frame: bytes) -> None:
+    def deliver(self, frame: bytes, now: float | None = None) -> None:
         """
         Write a broadcast frame (shared bytes) unless this member has
         fallen too far behind.
@@ -392,7 +407,7 @@ class ChatProtocol(AuthProtocol):
                 self.slowConsumer()
                 return
         self.transport.write(frame)
-        self.noteSent(len(frame))
+        self.noteSent(len(frame), now)
 
     def slowConsumer(self) -> None:
         self.log.warn(

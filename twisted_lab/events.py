@@ -106,11 +106,13 @@ class DataEventMeter:
             self._reads += 1
             self._bytesIn += nbytes
 
-    def sent(self, nbytes: int) -> None:
+    def sent(self, nbytes: int, now: float | None = None) -> None:
         """
-        One write of C{nbytes} bytes happened.
+        One write of C{nbytes} bytes happened (at C{now}, if the caller
+        already knows the time: a broadcast asks the clock once, not once
+        per member).
         """
-        if self._admit():
+        if self._admit(now):
             self._log.info(
                 "{peer} <- {nbytes} bytes sent",
                 event=DATA_SENT,
@@ -121,11 +123,12 @@ class DataEventMeter:
             self._writes += 1
             self._bytesOut += nbytes
 
-    def _admit(self) -> bool:
+    def _admit(self, now: float | None = None) -> bool:
         limit = self._limit
         if limit is None:
             return True
-        now = self._clock.seconds()
+        if now is None:
+            now = self._clock.seconds()
         if now >= self._windowEnd:
             self.flush()
             self._windowEnd = now + self._interval
