@@ -46,7 +46,10 @@ def pinned(core: int, command: list[str]) -> list[str]:
 
 
 class Server:
-    def __init__(self, kind: str, workdir: Path, maxLength: int) -> None:
+    def __init__(
+        self, kind: str, workdir: Path, maxLength: int, extra: tuple[str, ...] = ()
+    ) -> None:
+        self.extra = list(extra)
         self.kind = kind
         self.workdir = workdir
         self.maxLength = maxLength
@@ -78,6 +81,7 @@ class Server:
                 str(self.portFile),
                 "--max-length",
                 str(self.maxLength),
+                *self.extra,
             ]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.process = subprocess.Popen(pinned(0, command), env=env, cwd=self.workdir)

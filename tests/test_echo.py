@@ -201,8 +201,120 @@ class IdleTimeoutTests(SynchronousTestCase):
 
     def test_noTimeout(self) -> None:
         clock = Clock()
-        connectProtocol(echoFactory(clock=clock, idleTimeout=None))
+        connectProtocol(echoFactory(clock=clock, idleTimeout=None, frameTimeout=None))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_oneTimerPerServer(self) -> None:
+        """
+        Deadlines are checked by one sweeper per server, not one timer per
+        connection (small idle connections).
+        """
+        clock = Clock()
+        factory = echoFactory(clock=clock, idleTimeout=30)
+        for port in range(50):
+            connectProtocol(factory, "127.0.0.2", 10000 + port)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+
+
+class SlowlorisTests(SynchronousTestCase):
+    """
+    A frame that stays incomplete is cut off at --frame-timeout, however
+    slowly its bytes keep trickling in (which keeps the idle timer happy).
+    """
+
+    def test_tricklingHeaderIsCutOff(self) -> None:
+        clock = Clock()
+        factory = echoFactory(clock=clock, idleTimeout=30, frameTimeout=10)
+        protocol, transport, recorder = connectProtocol(factory)
+        protocol.dataReceived(b"\x00")
+        for _ in range(3):
+            clock.advance(3)
+            protocol.dataReceived(b"")  # keeps the connection "active"
+        self.assertFalse(transport.disconnecting)
+        clock.advance(3)
+        self.assertTrue(transport.disconnected, "aborted")
+        self.assertEqual(len(recorder.named(events.FRAME_TIMEOUT)), 1)
+
+    def test_tricklingPayloadIsCutOff(self) -> None:
+        clock = Clock()
+        factory = echoFactory(clock=clock, idleTimeout=30, frameTimeout=10)
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.dataReceived(b"\x00\x00\x01\x00")  # a 256-byte frame
+        for _ in range(4):
+            clock.advance(2.5)
+            protocol.dataReceived(b"x")
+        self.assertTrue(transport.disconnected)
+
+    def test_completeFramesResetTheDeadline(self) -> None:
+        clock = Clock()
+        factory = echoFactory(clock=clock, idleTimeout=None, frameTimeout=10)
+        protocol, transport, _ = connectProtocol(factory)
+        data = frames(b"x" * 20)
+        for _ in range(10):
+            protocol.dataReceived(data[:10])
+            clock.advance(4)
+            protocol.dataReceived(data[10:])
+            clock.advance(4)
+        self.assertFalse(transport.disconnecting)
+
+    def test_framedReceiverDeadlineForJSONServices(self) -> None:
+        from tests.test_messages import SampleFactory, replies
+
+        clock = Clock()
+        factory = SampleFactory(clock=clock, idleTimeout=None, frameTimeout=10)
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.dataReceived(b"\x00\x00\x00\x10{")
+        clock.advance(10)
+        [error] = replies(transport)
+        self.assertEqual(error["code"], "frame_timeout")
+        self.assertTrue(transport.disconnecting)
+
+
+class ConnectionCapTests(SynchronousTestCase):
+    def test_perAddressCap(self) -> None:
+        factory = echoFactory(maxConnectionsPerAddress=2)
+        first, t1, _ = connectProtocol(factory, "127.0.0.2", 1)
+        second, t2, _ = connectProtocol(factory, "127.0.0.2", 2)
+        third, t3, recorder = connectProtocol(factory, "127.0.0.2", 3)
+        self.assertFalse(t1.disconnecting or t2.disconnecting)
+        self.assertTrue(t3.disconnected)
+        self.assertEqual(len(recorder.named(events.CONNECTION_REFUSED)), 1)
+        third.connectionLost(Failure(ConnectionDone()))
+        other, t4, _ = connectProtocol(factory, "127.0.0.9", 4)
+        self.assertFalse(t4.disconnecting, "other addresses are not affected")
+        first.connectionLost(Failure(ConnectionDone()))
+        again, t5, _ = connectProtocol(factory, "127.0.0.2", 5)
+        self.assertFalse(t5.disconnecting, "a slot freed by a close is reused")
+        self.assertEqual(factory.perAddress, {"127.0.0.2": 2, "127.0.0.9": 1})
+
+    def test_ipv6GroupedBySlash64(self) -> None:
+        from twisted.internet.address import IPv6Address
+        from twisted.internet.testing import StringTransport
+
+        factory = echoFactory(maxConnectionsPerAddress=1)
+        factory.log = connectProtocol(factory, "2001:db8:1:2::1", 1)[2].logger
+        address = IPv6Address("TCP", "2001:db8:1:2:ffff::9", 2)
+        protocol = factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnected, "same /64, over the cap")
+
+    def test_totalCap(self) -> None:
+        factory = echoFactory(maxConnections=3)
+        transports = [
+            connectProtocol(factory, f"127.0.0.{i}", i)[1] for i in range(2, 6)
+        ]
+        self.assertEqual([t.disconnected for t in transports], [False] * 3 + [True])
+
+    def test_jsonServiceSaysWhy(self) -> None:
+        from tests.test_messages import SampleFactory, replies
+
+        factory = SampleFactory(clock=Clock(), maxConnectionsPerAddress=1)
+        connectProtocol(factory, "127.0.0.2", 1)
+        _, transport, _ = connectProtocol(factory, "127.0.0.2", 2)
+        [error] = replies(transport)
+        self.assertEqual(error["code"], "too_many_connections")
+        self.assertTrue(transport.disconnecting)
 
 
 class OptionsTests(SynchronousTestCase):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import os
 import re
 import secrets
@@ -35,6 +34,7 @@ from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
 from twisted_lab.messages import RequestError
+from twisted_lab.server import addressGroup
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
 MAX_RAW_USERNAME = 128
@@ -211,21 +211,8 @@ class PasswordHasher:
 # -- throttling -------------------------------------------------------------
 
 
-def throttleKey(host: str) -> str:
-    """
-    The key a client address is throttled by: the IP address, with IPv6
-    grouped by /64 (one subscriber usually has a whole /64) and
-    IPv4-mapped IPv6 counted as IPv4.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+#: Throttles key client addresses the way connection caps do.
+throttleKey = addressGroup
 
 
 @dataclass

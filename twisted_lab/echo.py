@@ -49,7 +49,7 @@ class FramedEcho(FramedServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self.transport.disconnecting:
             return
-        self.noteReceived(len(data))
+        now = self.noteReceived(len(data))
         if self._heldHeader:
             data = self._heldHeader + data
         end = len(data)
@@ -75,6 +75,10 @@ class FramedEcho(FramedServerProtocol):
             remaining = length
         self._remaining = remaining
         self._heldHeader = data[offset:] if oversized < 0 else b""
+        if not (remaining or self._heldHeader):
+            self.partialSince = None
+        elif self.partialSince is None:
+            self.partialSince = now
         if offset:
             reply = data if offset == end else data[:offset]
             self.transport.write(reply)

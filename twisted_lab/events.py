@@ -42,6 +42,8 @@ SERVER_STOPPING = "server_stopping"
 SERVER_STOPPED = "server_stopped"
 FRAME_TOO_LONG = "frame_too_long"
 IDLE_TIMEOUT = "idle_timeout"
+FRAME_TIMEOUT = "frame_timeout"
+CONNECTION_REFUSED = "connection_refused"
 
 #: Default number of individually logged data events per connection per
 #: second; past it, the rest of that second is folded into a summary.

@@ -373,6 +373,14 @@ class MessageProtocol(FramedServerProtocol):
             f"a {length}-byte frame is over the {self.MAX_LENGTH}-byte limit",
         )
 
+    def refuse(self, reason: str) -> None:
+        self.closeWithError("too_many_connections", reason)
+
+    def frameTimedOut(self) -> None:
+        self.closeWithError(
+            "frame_timeout", "a frame stayed incomplete too long; closing"
+        )
+
     def idleTimedOut(self) -> None:
         self.sendMessage(
             {

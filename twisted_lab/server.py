@@ -16,6 +16,7 @@ A service module (C{echo}, ...) only adds its protocol, factory and options.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import sys
@@ -39,6 +40,28 @@ from twisted.python.failure import Failure
 from twisted_lab import events
 from twisted_lab.events import DataEventMeter, JSONEventLog
 from twisted_lab.framing import FrameReceiver
+
+DEFAULT_FRAME_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 20_000
+DEFAULT_MAX_PER_ADDRESS = 1_000
+
+
+def addressGroup(host: str) -> str:
+    """
+    The key a client address is limited by: the IP address, with IPv6
+    grouped by /64 (one subscriber usually has a whole /64) and
+    IPv4-mapped IPv6 counted as IPv4.  (Twisted's LimitConnectionsByPeer
+    keys by address object and is broken on current Twisted, #12183.)
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def describePeer(address: IAddress) -> str:
@@ -70,15 +93,24 @@ class ServerFactory(Factory["ServedConnection"]):
         *,
         maxLength: int = FrameReceiver.MAX_LENGTH,
         idleTimeout: float | None = 300.0,
+        frameTimeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        maxConnections: int | None = DEFAULT_MAX_CONNECTIONS,
+        maxConnectionsPerAddress: int | None = DEFAULT_MAX_PER_ADDRESS,
         dataEventsPerSecond: int | None = events.DEFAULT_DATA_EVENTS_PER_SECOND,
         clock: IReactorTime | None = None,
     ) -> None:
         self.maxLength = maxLength
         self.idleTimeout = idleTimeout
+        self.frameTimeout = frameTimeout
+        self.maxConnections = maxConnections
+        self.maxConnectionsPerAddress = maxConnectionsPerAddress
         self.dataEventsPerSecond = dataEventsPerSecond
         self.clock: IReactorTime | None = clock
         self.connections: set[ServedConnection] = set()
+        self.perAddress: dict[str, int] = {}
         self._allGone: list[defer.Deferred[None]] = []
+        self._sweeper: IDelayedCall | None = None
+        self._nextSweep = 0.0
 
     def now(self) -> float:
         """
@@ -87,15 +119,78 @@ class ServerFactory(Factory["ServedConnection"]):
         assert self.clock is not None, "the clock is set when the service starts"
         return self.clock.seconds()
 
-    def connectionOpened(self, connection: ServedConnection) -> None:
+    def admit(self, connection: ServedConnection, group: str) -> str | None:
+        """
+        Count a new connection from address C{group}; or, over a cap, say
+        why it is refused (and count nothing).
+        """
+        if self.maxConnections and len(self.connections) >= self.maxConnections:
+            return f"the server has its maximum of {self.maxConnections} connections"
+        count = self.perAddress.get(group, 0)
+        if self.maxConnectionsPerAddress and count >= self.maxConnectionsPerAddress:
+            return (
+                f"{group} has its maximum of {self.maxConnectionsPerAddress} "
+                "connections"
+            )
+        self.perAddress[group] = count + 1
         self.connections.add(connection)
+        self._startSweeping()
+        return None
 
-    def connectionClosed(self, connection: ServedConnection) -> None:
+    def connectionClosed(self, connection: ServedConnection, group: str) -> None:
+        if connection not in self.connections:
+            return
         self.connections.discard(connection)
+        count = self.perAddress.get(group, 0) - 1
+        if count > 0:
+            self.perAddress[group] = count
+        else:
+            self.perAddress.pop(group, None)
         if not self.connections:
+            self._stopSweeping()
             waiters, self._allGone = self._allGone, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    # -- deadlines ---------------------------------------------------------------
+    #
+    # One timer per server, not one per connection: every few seconds the
+    # sweeper looks for connections idle too long or stuck in the middle of
+    # a frame.  A read only stores a timestamp, which keeps reads cheap and
+    # idle connections small.
+
+    def sweepInterval(self) -> float:
+        limits = [t for t in (self.idleTimeout, self.frameTimeout) if t]
+        return max(0.05, min(5.0, min(limits) / 4)) if limits else 0.0
+
+    def _startSweeping(self, after: float | None = None) -> None:
+        """
+        Schedule the next sweep one interval after C{after} (the time the
+        last sweep was due), or from now: a sweep that ran late does not
+        push the ones after it later.
+        """
+        interval = self.sweepInterval()
+        if self._sweeper is None and interval:
+            now = self.now()
+            due = (now if after is None else after) + interval
+            self._nextSweep = due
+            self._sweeper = self.clock.callLater(  # type: ignore[union-attr]
+                max(0.0, due - now), self._sweep
+            )
+
+    def _stopSweeping(self) -> None:
+        if self._sweeper is not None:
+            if self._sweeper.active():
+                self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.now()
+        for connection in list(self.connections):
+            connection.checkDeadlines(now)
+        if self.connections:
+            self._startSweeping(after=self._nextSweep)
 
     def closeAll(self, timeout: float = 3.0) -> defer.Deferred[None]:
         """
@@ -129,17 +224,19 @@ class ServerFactory(Factory["ServedConnection"]):
 
 class ServedConnection(Protocol):
     """
-    The life of one served connection, logged as events, with an idle
-    timeout.  Subclasses call L{noteReceived} for every read and
-    L{noteSent} for every write they make.
+    The life of one served connection, logged as events, with connection
+    caps, an idle timeout and a partial-frame deadline.  Subclasses call
+    L{noteReceived} for every read and L{noteSent} for every write they make.
     """
 
     factory: ServerFactory
     transport: Any  # a connected transport; see FrameReceiver.transport
     peer = "?"
+    group = ""
     meter: DataEventMeter
-    _idleCall: IDelayedCall | None = None
-    _lastActivity = 0.0
+    lastActivity = 0.0
+    #: When the frame now incomplete started (None: none is incomplete).
+    partialSince: float | None = None
 
     @property
     def log(self) -> Logger:
@@ -149,7 +246,9 @@ class ServedConnection(Protocol):
         factory = self.factory
         clock = factory.clock
         assert clock is not None, "factory.clock is set when the service starts"
-        self.peer = describePeer(self.transport.getPeer())
+        address = self.transport.getPeer()
+        self.peer = describePeer(address)
+        self.group = addressGroup(getattr(address, "host", self.peer))
         # Twisted already gathers each reactor turn's writes into one send;
         # Nagle's algorithm would only hold replies back behind the peer's
         # delayed ACK (a 40 ms stall), so it is turned off.
@@ -160,21 +259,41 @@ class ServedConnection(Protocol):
         self.meter = DataEventMeter(
             factory.log, self.peer, clock, factory.dataEventsPerSecond
         )
-        factory.connectionOpened(self)
+        self.lastActivity = clock.seconds()
+        refused = factory.admit(self, self.group)
+        if refused is not None:
+            self.log.warn(
+                "refusing {peer}: {reason}",
+                event=events.CONNECTION_REFUSED,
+                peer=self.peer,
+                reason=refused,
+            )
+            self.refuse(refused)
+            return
         self.log.info(
             "client connected: {peer}", event=events.CLIENT_CONNECTED, peer=self.peer
         )
-        if factory.idleTimeout:
-            self._lastActivity = clock.seconds()
-            self._idleCall = clock.callLater(factory.idleTimeout, self._checkIdle)
 
-    def noteReceived(self, nbytes: int) -> None:
+    @property
+    def admitted(self) -> bool:
+        return self in self.factory.connections
+
+    def refuse(self, reason: str) -> None:
+        """
+        Hook: the connection is over a cap and is being closed (a JSON
+        service says so in an C{error} first).
+        """
+        self.transport.abortConnection()
+
+    def noteReceived(self, nbytes: int) -> float:
         """
         A read of C{nbytes} bytes: log it (or fold it) and reset idleness.
+        Returns the time, for callers that need it too.
         """
+        now = self.factory.clock.seconds()  # type: ignore[union-attr]
+        self.lastActivity = now
         self.meter.received(nbytes)
-        if self._idleCall is not None:
-            self._lastActivity = self.factory.clock.seconds()  # type: ignore[union-attr]
+        return now
 
     def noteSent(self, nbytes: int, now: float | None = None) -> None:
         """
@@ -182,23 +301,36 @@ class ServedConnection(Protocol):
         """
         self.meter.sent(nbytes, now)
 
-    def _checkIdle(self) -> None:
-        clock = self.factory.clock
-        timeout = self.factory.idleTimeout
-        assert clock is not None and timeout
-        idleFor = clock.seconds() - self._lastActivity
-        if idleFor < timeout:
-            self._idleCall = clock.callLater(timeout - idleFor, self._checkIdle)
+    def checkDeadlines(self, now: float) -> None:
+        """
+        Called by the factory's sweeper: close the connection if it has been
+        idle, or stuck in the middle of a frame, for too long.
+        """
+        if self.transport.disconnecting:
             return
-        self._idleCall = None
-        self.log.info(
-            "closing {peer}: idle for {seconds:.0f} s",
-            event=events.IDLE_TIMEOUT,
-            peer=self.peer,
-            seconds=idleFor,
-        )
-        self.idleTimedOut()
-        self.transport.loseConnection()
+        factory = self.factory
+        if factory.frameTimeout and self.partialSince is not None:
+            stuck = now - self.partialSince
+            if stuck >= factory.frameTimeout:
+                self.log.info(
+                    "closing {peer}: a frame incomplete for {seconds:.0f} s",
+                    event=events.FRAME_TIMEOUT,
+                    peer=self.peer,
+                    seconds=stuck,
+                )
+                self.frameTimedOut()
+                return
+        if factory.idleTimeout:
+            idleFor = now - self.lastActivity
+            if idleFor >= factory.idleTimeout:
+                self.log.info(
+                    "closing {peer}: idle for {seconds:.0f} s",
+                    event=events.IDLE_TIMEOUT,
+                    peer=self.peer,
+                    seconds=idleFor,
+                )
+                self.idleTimedOut()
+                self.transport.loseConnection()
 
     def idleTimedOut(self) -> None:
         """
@@ -206,24 +338,29 @@ class ServedConnection(Protocol):
         service says so in an C{error} first).
         """
 
+    def frameTimedOut(self) -> None:
+        """
+        Hook: a frame stayed incomplete past C{--frame-timeout} (a slow
+        sender, or slowloris).  The default aborts: the peer is not
+        cooperating, so nothing is waited for.
+        """
+        self.transport.abortConnection()
+
     def serverStopping(self) -> None:
         """
         Hook: the server is stopping and will close this connection.
         """
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._idleCall is not None:
-            if self._idleCall.active():
-                self._idleCall.cancel()
-            self._idleCall = None
         self.meter.close()
-        self.log.info(
-            "client disconnected: {peer} ({reason})",
-            event=events.CLIENT_DISCONNECTED,
-            peer=self.peer,
-            reason=reason.getErrorMessage(),
-        )
-        self.factory.connectionClosed(self)
+        if self.admitted:
+            self.log.info(
+                "client disconnected: {peer} ({reason})",
+                event=events.CLIENT_DISCONNECTED,
+                peer=self.peer,
+                reason=reason.getErrorMessage(),
+            )
+        self.factory.connectionClosed(self, self.group)
 
 
 class FramedServerProtocol(ServedConnection, FrameReceiver):
@@ -238,8 +375,12 @@ class FramedServerProtocol(ServedConnection, FrameReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self.transport.disconnecting:
             return
-        self.noteReceived(len(data))
+        now = self.noteReceived(len(data))
         FrameReceiver.dataReceived(self, data)
+        if self._pending is None:
+            self.partialSince = None
+        elif self.partialSince is None:
+            self.partialSince = now
 
     def sendString(self, string: bytes) -> None:
         FrameReceiver.sendString(self, string)
@@ -553,6 +694,28 @@ class ServerOptions(usage.Options):
             nonNegativeFloat,
         ],
         [
+            "frame-timeout",
+            None,
+            DEFAULT_FRAME_TIMEOUT,
+            "Close a connection whose frame stays incomplete this many seconds, "
+            "however slowly it trickles in (0: never).",
+            nonNegativeFloat,
+        ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Connections served at once (0: no limit).",
+            nonNegativeInt,
+        ],
+        [
+            "max-connections-per-address",
+            None,
+            DEFAULT_MAX_PER_ADDRESS,
+            "Connections from one address (IPv6: one /64) at once (0: no limit).",
+            nonNegativeInt,
+        ],
+        [
             "event-log",
             None,
             None,
@@ -585,6 +748,9 @@ class ServerOptions(usage.Options):
         return {
             "maxLength": self["max-length"],
             "idleTimeout": self["idle-timeout"] or None,
+            "frameTimeout": self["frame-timeout"] or None,
+            "maxConnections": self["max-connections"] or None,
+            "maxConnectionsPerAddress": self["max-connections-per-address"] or None,
             "dataEventsPerSecond": self["data-events-per-second"] or None,
         }
 
