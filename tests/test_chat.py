@@ -295,7 +295,16 @@ class ChatRequestTests(ChatHarness):
         fast = await self.user(factory, "fast")
         for c in (alice, slow, fast):
             await self.one(c, {"type": "join", "room": "lobby"})
-        slow[0].pauseProducing()  # what its transport does when its buffer is full
+        transport = slow[1]
+
+        def writeWhileFull(data, write=transport.write):
+            # What a real transport does on every write while its buffer
+            # is over its size (the peer does not read): pause, again.
+            write(data)
+            transport.producer.pauseProducing()
+
+        transport.write = writeWhileFull
+        slow[0].pauseProducing()
         for _ in range(30):
             alice[0].dataReceived(
                 frames_({"type": "say", "room": "lobby", "text": "x" * 100})

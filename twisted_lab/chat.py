@@ -384,8 +384,11 @@ class ChatProtocol(AuthProtocol):
 
     # IPushProducer, as seen by our own transport.
     def pauseProducing(self) -> None:
-        self._congested = True
-        self._queuedWhileCongested = 0
+        # The transport calls this on every write while its buffer is
+        # over its size, not only when it fills: count from the first.
+        if not self._congested:
+            self._congested = True
+            self._queuedWhileCongested = 0
 
     def resumeProducing(self) -> None:
         self._congested = False
