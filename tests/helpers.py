@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_lab.framing import encodeFrame
 
@@ -51,6 +53,25 @@ def connectProtocol(
     transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
     protocol.makeConnection(transport)
     return protocol, transport, recorder
+
+
+def openConnection(
+    test: Any, factory: Any, address: Any
+) -> tuple[Any, StringTransport]:
+    """
+    A protocol from C{factory} on a L{StringTransport} whose peer is
+    C{address}, disconnected at the end of C{test} if still open.
+    """
+    protocol = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    test.addCleanup(closeIfOpen, factory, protocol)
+    return protocol, transport
+
+
+def closeIfOpen(factory: Any, protocol: Any) -> None:
+    if protocol in factory.connections:
+        protocol.connectionLost(Failure(ConnectionDone()))
 
 
 def frames(*payloads: bytes) -> bytes:

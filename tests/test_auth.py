@@ -15,14 +15,11 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.helpers import EventRecorder, frames, waitFor
+from tests.helpers import EventRecorder, closeIfOpen, frames, openConnection, waitFor
 from tests.test_messages import replies
 from twisted_lab.accounts import (
     FailureThrottle,
@@ -184,16 +181,10 @@ class AuthHarness(TestCase):
         self.dbPath = str(Path(self.mktemp()).absolute())
 
     def connect(self, factory, host: str = "127.0.0.2"):
-        address = IPv4Address("TCP", host, 40000)
-        protocol = factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
-        protocol.makeConnection(transport)
-        self.addCleanup(self.disconnect, factory, protocol)
-        return protocol, transport
+        return openConnection(self, factory, IPv4Address("TCP", host, 40000))
 
     def disconnect(self, factory, protocol) -> None:
-        if protocol in factory.connections:
-            protocol.connectionLost(Failure(ConnectionDone()))
+        closeIfOpen(factory, protocol)
 
     async def ask(self, connection, *requests: dict) -> list[dict]:
         """

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.helpers import EventRecorder, frames, waitFor
+from tests.helpers import EventRecorder, frames, openConnection, waitFor
 from tests.test_messages import replies
 from twisted_lab.identity import IdentityFactory, addressKey, validName
 from twisted_lab.messages import RequestError
@@ -65,15 +62,7 @@ class IdentityProtocolTests(TestCase):
         return factory
 
     async def connect(self, factory, address):
-        protocol = factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
-        protocol.makeConnection(transport)
-        self.addCleanup(self.disconnect, factory, protocol)
-        return protocol, transport
-
-    def disconnect(self, factory, protocol) -> None:
-        if protocol in factory.connections:
-            protocol.connectionLost(Failure(ConnectionDone()))
+        return openConnection(self, factory, address)
 
     async def talk(self, protocol, transport, *requests: bytes, expect: int):
         protocol.dataReceived(frames(*requests))

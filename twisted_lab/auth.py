@@ -49,13 +49,12 @@ from twisted_lab.messages import (
     Text,
 )
 from twisted_lab.server import (
-    OrderedServices,
     ServerFactory,
     ServerOptions,
     nonNegativeFloat,
     positiveInt,
 )
-from twisted_lab.store import DEFAULT_PATH, Store, StoreService
+from twisted_lab.store import DEFAULT_PATH, Store
 
 DEFAULT_PORT = 9092
 DEFAULT_SESSION_IDLE = 24 * 3600.0
@@ -555,7 +554,4 @@ def makeService(config: Options) -> IService:
     """
     store = Store(config["db"])
     factory = AuthFactory(store, config.hasher(), **config.authSettings())
-    top = OrderedServices()
-    StoreService(store).setServiceParent(top)
-    config.makeNetlabService("netlab-auth", factory).setServiceParent(top)
-    return top
+    return config.makeStoredService("netlab-auth", store, factory)

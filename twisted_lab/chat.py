@@ -33,8 +33,8 @@ from twisted_lab.accounts import TokenBucket, canonicalUsername
 from twisted_lab.auth import Account, AuthFactory, AuthProtocol, IAccount, rfc3339
 from twisted_lab.framing import encodeFrame
 from twisted_lab.messages import Integer, Message, RequestError, Text, encodeMessage
-from twisted_lab.server import OrderedServices, positiveInt
-from twisted_lab.store import Store, StoreService
+from twisted_lab.server import positiveInt
+from twisted_lab.store import Store
 
 DEFAULT_PORT = 9093
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -637,7 +637,4 @@ def makeService(config: Options) -> IService:
         messageBurst=config["message-burst"],
         **config.authSettings(),
     )
-    top = OrderedServices()
-    StoreService(store).setServiceParent(top)
-    config.makeNetlabService("netlab-chat", factory).setServiceParent(top)
-    return top
+    return config.makeStoredService("netlab-chat", store, factory)

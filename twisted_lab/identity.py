@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IAddress
 
 from twisted_lab.messages import (
     DEFAULT_MAX_LENGTH,
@@ -26,8 +25,8 @@ from twisted_lab.messages import (
     RequestError,
     Text,
 )
-from twisted_lab.server import OrderedServices, ServerFactory, ServerOptions
-from twisted_lab.store import DEFAULT_PATH, Store, StoreService
+from twisted_lab.server import ServerFactory, ServerOptions
+from twisted_lab.store import DEFAULT_PATH, Store
 
 DEFAULT_PORT = 9091
 MAX_NAME_CHARS = 64
@@ -163,11 +162,6 @@ class IdentityFactory(ServerFactory):
         super().__init__(**settings)
         self.store = store
 
-    def buildProtocol(self, addr: IAddress | None) -> IdentityProtocol:
-        protocol = IdentityProtocol()
-        protocol.factory = self
-        return protocol
-
 
 class Options(ServerOptions):
     """
@@ -192,7 +186,4 @@ def makeService(config: Options) -> IService:
     """
     store = Store(config["db"])
     factory = IdentityFactory(store, **config.factorySettings())
-    top = OrderedServices()
-    StoreService(store).setServiceParent(top)
-    config.makeNetlabService("netlab-identity", factory).setServiceParent(top)
-    return top
+    return config.makeStoredService("netlab-identity", store, factory)

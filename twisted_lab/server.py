@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted_lab import events
 from twisted_lab.events import DataEventMeter, JSONEventLog
 from twisted_lab.framing import FrameReceiver
+from twisted_lab.store import Store, StoreService
 
 DEFAULT_FRAME_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 20_000
@@ -753,6 +754,18 @@ class ServerOptions(usage.Options):
             "maxConnectionsPerAddress": self["max-connections-per-address"] or None,
             "dataEventsPerSecond": self["data-events-per-second"] or None,
         }
+
+    def makeStoredService(
+        self, serviceName: str, store: Store, factory: ServerFactory
+    ) -> OrderedServices:
+        """
+        The server these options describe, on top of C{store}: the store
+        opens first and closes only after the server has stopped.
+        """
+        top = OrderedServices()
+        StoreService(store).setServiceParent(top)
+        self.makeNetlabService(serviceName, factory).setServiceParent(top)
+        return top
 
     def makeNetlabService(
         self, serviceName: str, factory: ServerFactory
