@@ -132,6 +132,21 @@ class ThrottleTests(SynchronousTestCase):
         bucket.prune()
         self.assertEqual(bucket._buckets, {})
 
+    def test_throttlesStayBounded(self) -> None:
+        from twisted_lab.accounts import PRUNE_AT
+
+        clock = Clock()
+        throttle = FailureThrottle(clock, free=3, forgetAfter=60)
+        bucket = TokenBucket(clock, capacity=2, rate=1.0)
+        for i in range(PRUNE_AT):
+            throttle.failed(f"name{i}")
+            bucket.take(f"10.0.{i // 256}.{i % 256}")
+        clock.advance(61)
+        throttle.failed("one more")
+        bucket.take("one more")
+        self.assertEqual(len(throttle._keys), 1)
+        self.assertEqual(len(bucket._buckets), 1)
+
     def test_throttleKey(self) -> None:
         self.assertEqual(throttleKey("127.0.0.2"), "127.0.0.2")
         self.assertEqual(throttleKey("::ffff:10.1.2.3"), "10.1.2.3")

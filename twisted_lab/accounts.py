@@ -215,6 +215,12 @@ class PasswordHasher:
 throttleKey = addressGroup
 
 
+#: Throttles forget keys that no longer matter once they hold this many,
+#: so an attacker cycling through names or addresses cannot grow them
+#: without bound.
+PRUNE_AT = 10_000
+
+
 @dataclass
 class _Failures:
     count: int = 0
@@ -259,6 +265,8 @@ class FailureThrottle:
         return max(0.0, entry.blockedUntil - self.clock.seconds())
 
     def failed(self, key: str) -> None:
+        if len(self._keys) >= PRUNE_AT:
+            self.prune()
         now = self.clock.seconds()
         entry = self._current(key) or self._keys.setdefault(key, _Failures())
         entry.count += 1
@@ -303,6 +311,8 @@ class TokenBucket:
         """
         Take one token: 0 if there was one, else the seconds until there is.
         """
+        if len(self._buckets) >= PRUNE_AT:
+            self.prune()
         now = self.clock.seconds()
         tokens, then = self._buckets.get(key, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - then) * self.rate)
