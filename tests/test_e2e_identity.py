@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server, runNetlab
-from twisted_lab.wire import FramedSocket
+from twisted_lab.wire import ConnectionClosed, FramedSocket
 
 
 class IdentityEndToEndTests(TestCase):
@@ -133,3 +134,77 @@ class IdentityEndToEndTests(TestCase):
         yield defer.ensureDeferred(server.start())
         out, _, _ = yield self.identity(server, "127.0.0.4")
         self.assertEqual(out.decode().strip(), "Welcome back, Durable! (visit 2)")
+
+
+class IdentityStormTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_sigkillDuringANamingStorm(self):
+        """
+        Clients on 20 addresses rename themselves as fast as they can; after
+        kill -9 and a restart, every address has the last name it was
+        welcomed with (or the one it was sending when the server died).
+        """
+        workdir = Path(self.mktemp()).absolute()
+        server = Server(
+            workdir, "netlab-identity", "--port", "0",
+            "--db", str(workdir / "netlab.sqlite3"),
+        )  # fmt: skip
+        self.addCleanup(server.cleanup)
+        yield defer.ensureDeferred(server.start())
+        acknowledged: dict[str, str] = {}
+        inFlight: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def rename(address: str) -> None:
+            try:
+                with FramedSocket.connect_to(
+                    "127.0.0.1", server.port, source_address=(address, 0)
+                ) as s:
+                    s.recv_json()
+                    for i in range(100_000):
+                        name = f"{address} #{i}"
+                        with lock:
+                            inFlight[address] = name
+                        s.send_json({"type": "name", "name": name})
+                        if s.recv_json().get("name") == name:
+                            with lock:
+                                acknowledged[address] = name
+            except (ConnectionClosed, OSError):
+                return
+
+        addresses = [f"127.0.2.{i}" for i in range(1, 21)]
+        workers = [threading.Thread(target=rename, args=(a,)) for a in addresses]
+
+        def stormThenKill():
+            for w in workers:
+                w.start()
+            while True:
+                with lock:
+                    if (
+                        len(acknowledged) == len(addresses)
+                        and sum(int(n.split("#")[1]) for n in acknowledged.values())
+                        > 200
+                    ):
+                        break
+                threading.Event().wait(0.01)
+            server.process.send_signal(signal.SIGKILL)
+            for w in workers:
+                w.join(30)
+
+        yield threads.deferToThread(stormThenKill)
+        self.assertEqual((yield defer.ensureDeferred(server.wait())), -signal.SIGKILL)
+        with sqlite3.connect(server.workdir / "netlab.sqlite3") as connection:
+            self.assertEqual(
+                connection.execute("PRAGMA integrity_check").fetchone()[0], "ok"
+            )
+            stored = dict(connection.execute("SELECT address, name FROM identities"))
+        for address in addresses:
+            self.assertIn(stored[address], (acknowledged[address], inFlight[address]))
+        yield defer.ensureDeferred(server.start())
+        out, _, _ = yield defer.ensureDeferred(
+            runNetlab("identity", "-q", "--host", "127.0.0.1", "--port",
+                      str(server.port), "--bind", addresses[0])
+        )  # fmt: skip
+        self.assertIn(stored[addresses[0]], out.decode())
