@@ -230,3 +230,46 @@ class EchoEndToEndTests(TestCase):
             waited += 0.05
         self.assertFalse(pidFile.exists(), "twistd removes its pid file")
         self.assertEqual(server.eventNames()[-1], events.SERVER_STOPPED)
+
+
+class EchoBackpressureTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_clientThatNeverReads(self):
+        """
+        A client that sends frames and never reads is stopped by TCP flow
+        control (the server stops reading when it cannot write), so the
+        server does not buffer its echo without bound; others are served.
+        """
+        server = Server(Path(self.mktemp()).absolute(), "netlab-echo", "--port", "0")
+        self.addCleanup(server.cleanup)
+        yield defer.ensureDeferred(server.start())
+
+        def rss() -> int:
+            status = Path(f"/proc/{server.process.pid}/status").read_text()
+            return int(status.split("VmRSS:")[1].split()[0])  # KiB
+
+        def flood():
+            before = rss()
+            payload = b"\x00\x01\x00\x00" + b"z" * 65536  # 64 KiB frames
+            sent = 0
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                s.settimeout(2)
+                try:
+                    while sent < 512 * 1024 * 1024:
+                        s.sendall(payload)
+                        sent += len(payload)
+                except TimeoutError:
+                    pass
+                grown = rss() - before
+                with FramedSocket.connect_to("127.0.0.1", server.port) as other:
+                    other.send_message(b"still served")
+                    answer = other.recv_message()
+            return sent, grown, answer
+
+        sent, grown, answer = yield threads.deferToThread(flood)
+        self.assertLess(sent, 128 * 1024 * 1024, "the sender was made to wait")
+        self.assertLess(grown, 64 * 1024, "server memory grew by less than 64 MiB")
+        self.assertEqual(answer, b"still served")
