@@ -268,6 +268,26 @@ class ChatRequestTests(ChatHarness):
         self.assertEqual([m["seq"] for m in limited["messages"]], [1, 2])
 
     @run
+    async def test_emptyRoomsAreForgottenAndSeqContinues(self):
+        factory = await self.makeChat()
+        alice = await self.user(factory, "alice")
+        for i in range(20):
+            await self.one(alice, {"type": "join", "room": f"room{i}"})
+            await self.one(alice, {"type": "leave", "room": f"room{i}"})
+        self.assertEqual(factory.service.rooms, {})
+        await self.one(alice, {"type": "join", "room": "lobby"})
+        alice[0].dataReceived(frames_({"type": "say", "room": "lobby", "text": "one"}))
+        await self.waitForMessage(alice, lambda m: m.get("text") == "one")
+        await self.one(alice, {"type": "leave", "room": "lobby"})
+        self.assertEqual(factory.service.rooms, {})
+        joined = await self.one(alice, {"type": "join", "room": "lobby"})
+        self.assertEqual(joined["last_seq"], 1)
+        alice[0].dataReceived(frames_({"type": "say", "room": "lobby", "text": "two"}))
+        await self.waitForMessage(alice, lambda m: m.get("text") == "two")
+        [two] = [m for m in self.received(alice) if m.get("text") == "two"]
+        self.assertEqual(two["seq"], 2)
+
+    @run
     async def test_floodControl(self):
         factory = await self.makeChat(messageRate=1.0, messageBurst=3)
         alice = await self.user(factory, "alice")

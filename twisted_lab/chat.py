@@ -77,6 +77,9 @@ class Room:
         self.name = name
         self.lastSeq = lastSeq
         self.members: dict[str, set[ChatProtocol]] = {}
+        #: Messages posted and not yet committed (or failed): the room may
+        #: not be forgotten while there are any, or a reload would reuse seqs.
+        self.pending = 0
 
     def connections(self) -> Iterable[ChatProtocol]:
         for connections in list(self.members.values()):
@@ -168,10 +171,13 @@ class ChatService:
         room = self.rooms.setdefault(name, Room(name, lastSeq))
         return room
 
-    def join(self, room: Room, user: ChatUser, mind: ChatProtocol) -> bool:
+    def join(self, room: Room, user: ChatUser, mind: ChatProtocol) -> Room:
         """
-        Add a connection; True if the user was not in the room before.
+        Add a connection to the room; the room joined (the one the service
+        holds under that name, should C{room} have been forgotten while the
+        caller waited).
         """
+        room = self.rooms.setdefault(room.name, room)
         connections = room.members.setdefault(user.username, set())
         newcomer = not connections
         connections.add(mind)
@@ -193,7 +199,7 @@ class ChatService:
                 },
                 exclude=mind,
             )
-        return newcomer
+        return room
 
     def leave(self, room: Room, user: ChatUser, mind: ChatProtocol) -> bool:
         """
@@ -207,6 +213,7 @@ class ChatService:
         if connections:
             return False
         del room.members[user.username]
+        self._forgetIfUnused(room)
         self.log.info(
             "{user} left {room}", event="room_left", user=user.username, room=room.name
         )
@@ -223,12 +230,21 @@ class ChatService:
 
     # -- messages ---------------------------------------------------------------
 
+    def _forgetIfUnused(self, room: Room) -> None:
+        """
+        Drop a room with no members and nothing in flight from memory (its
+        seq is in the store), so rooms do not pile up.
+        """
+        if not room.members and not room.pending and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+
     def post(self, room: Room, sender: str, text: str) -> defer.Deferred[None]:
         """
         Queue a message for the next group commit; fires once it is
         committed and broadcast.
         """
         done: defer.Deferred[None] = defer.Deferred()
+        room.pending += 1
         self._batch.append((room, sender, text, done))
         self._scheduleFlush()
         return done
@@ -243,7 +259,7 @@ class ChatService:
         if not batch:
             return
         self._flushing = True
-        before = {room.name: room.lastSeq for room, _, _, _ in batch}
+        before = {room: room.lastSeq for room, _, _, _ in batch}
         now = rfc3339(self.clock.seconds())
         messages = []
         rows = []
@@ -277,12 +293,15 @@ class ChatService:
         def failed(failure: Any) -> None:
             # Nothing was committed: give the numbers out again, so no
             # client ever sees a gap or a seq a crash could take back.
-            for name, lastSeq in before.items():
-                self.rooms[name].lastSeq = lastSeq
+            for room, lastSeq in before.items():
+                room.lastSeq = lastSeq
             for _, _, done in messages:
                 done.errback(failure)
 
         def finished(_: object) -> None:
+            for room, _message, _done in messages:
+                room.pending -= 1
+                self._forgetIfUnused(room)
             self._flushing = False
             if self._batch:
                 self._scheduleFlush()
@@ -439,7 +458,7 @@ class ChatProtocol(AuthProtocol):
         room = await service.room(validRoom(message["room"]))
         if self.account is not user:
             raise RequestError("not_authenticated", "logged out meanwhile")
-        service.join(room, user, self)
+        room = service.join(room, user, self)
         lastSeq = room.lastSeq
         rows = await self.factory.store.recentHistory(room.name, HISTORY_ON_JOIN)
         return {
