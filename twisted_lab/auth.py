@@ -13,7 +13,6 @@ all of it: L{AuthProtocol} is the base of its protocol.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from twisted.application.service import IService
@@ -47,6 +46,7 @@ from twisted_lab.messages import (
     MessageProtocol,
     RequestError,
     Text,
+    rfc3339,
 )
 from twisted_lab.server import (
     ServerFactory,
@@ -65,17 +65,6 @@ ACCOUNT_FREE_FAILURES = 5
 ADDRESS_FREE_FAILURES = 20
 
 BAD_CREDENTIALS = RequestError("bad_credentials", "wrong username or password")
-
-
-def rfc3339(timestamp: float) -> str:
-    """
-    C{timestamp} as RFC 3339 UTC with second precision.
-    """
-    return (
-        datetime.fromtimestamp(timestamp, UTC)
-        .isoformat(timespec="seconds")
-        .replace("+00:00", "Z")
-    )
 
 
 # -- cred: credentials, checkers, realm --------------------------------------

@@ -30,9 +30,16 @@ from zope.interface import implementer
 
 from twisted_lab import auth
 from twisted_lab.accounts import TokenBucket, canonicalUsername
-from twisted_lab.auth import Account, AuthFactory, AuthProtocol, IAccount, rfc3339
+from twisted_lab.auth import Account, AuthFactory, AuthProtocol, IAccount
 from twisted_lab.framing import encodeFrame
-from twisted_lab.messages import Integer, Message, RequestError, Text, encodeMessage
+from twisted_lab.messages import (
+    Integer,
+    Message,
+    RequestError,
+    Text,
+    encodeMessage,
+    rfc3339,
+)
 from twisted_lab.server import positiveInt
 from twisted_lab.store import Store
 

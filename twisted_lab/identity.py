@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import unicodedata
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.service import IService
@@ -24,6 +23,7 @@ from twisted_lab.messages import (
     MessageProtocol,
     RequestError,
     Text,
+    rfc3339,
 )
 from twisted_lab.server import ServerFactory, ServerOptions
 from twisted_lab.store import DEFAULT_PATH, Store
@@ -79,17 +79,6 @@ def validName(raw: str) -> str:
     return name
 
 
-def utcNow(clock: Any) -> str:
-    """
-    The clock's time as RFC 3339 UTC.
-    """
-    return (
-        datetime.fromtimestamp(clock.seconds(), UTC)
-        .isoformat(timespec="seconds")
-        .replace("+00:00", "Z")
-    )
-
-
 class IdentityProtocol(MessageProtocol):
     """
     One client of the identity service.
@@ -109,7 +98,9 @@ class IdentityProtocol(MessageProtocol):
         self.runExclusively(self._greet)
 
     async def _greet(self) -> None:
-        known = await self.factory.store.visit(self.address, utcNow(self.factory.clock))
+        known = await self.factory.store.visit(
+            self.address, rfc3339(self.factory.now())
+        )
         if known is None:
             self.log.info(
                 "{peer} is not known; asking its name",
@@ -131,7 +122,7 @@ class IdentityProtocol(MessageProtocol):
     async def request_name(self, message: Message) -> Message:
         name = validName(message["name"])
         visits = await self.factory.store.nameAddress(
-            self.address, name, utcNow(self.factory.clock)
+            self.address, name, rfc3339(self.factory.now())
         )
         self.log.info(
             "{peer} is now called {name}",

@@ -21,6 +21,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from twisted.internet import defer
@@ -162,6 +163,17 @@ def encodeMessage(message: Mapping[str, Any]) -> bytes:
     """
     return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode(
         "utf-8"
+    )
+
+
+def rfc3339(timestamp: float) -> str:
+    """
+    C{timestamp} as RFC 3339 UTC with second precision.
+    """
+    return (
+        datetime.fromtimestamp(timestamp, UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
     )
 
 
