@@ -120,3 +120,53 @@ class PromptTests(SynchronousTestCase):
         with self.assertRaises(Abort) as raised:
             resolveTarget(None, None, 9090, True, ask, io.StringIO())
         self.assertEqual(raised.exception.code, 2)
+
+
+class FailureMessageTests(SynchronousTestCase):
+    """
+    Every command turns the usual failures into one line, and only those.
+    """
+
+    def message(self, e: Exception):
+        import argparse
+
+        from twisted_lab.cli import failureMessage
+
+        abort = failureMessage(e, argparse.Namespace(host="h", port=1))
+        return None if abort is None else str(abort)
+
+    def test_serverErrors(self) -> None:
+        from twisted_lab.client import ServerError
+
+        self.assertEqual(
+            self.message(ServerError({"code": "bad_credentials", "message": "wrong"})),
+            "bad_credentials: wrong",
+        )
+        self.assertEqual(
+            self.message(ServerError({"code": "rate_limited", "retry_after": 4})),
+            "rate limited: try again in 4 s",
+        )
+
+    def test_expiredSavedSessionIsForgotten(self) -> None:
+        import os
+
+        from twisted_lab.cli import saveSession, sessionPath
+        from twisted_lab.client import ServerError
+
+        os.environ["XDG_CONFIG_HOME"] = os.path.abspath(self.mktemp())
+        self.addCleanup(os.environ.pop, "XDG_CONFIG_HOME")
+        saveSession({"token": "t"})
+        self.assertIn(
+            "log in again", self.message(ServerError({"code": "invalid_token"}))
+        )
+        self.assertFalse(sessionPath().exists())
+
+    def test_connectionFailures(self) -> None:
+        from twisted.internet import error
+
+        self.assertEqual(
+            self.message(error.ConnectionRefusedError()),
+            "cannot connect to h:1: connection refused (is the server running?)",
+        )
+        self.assertIn("connection lost", self.message(ConnectionLost("reset")))
+        self.assertIsNone(self.message(ZeroDivisionError("a bug")))

@@ -27,7 +27,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import react
 
 from twisted_lab import __version__
-from twisted_lab.client import FrameClient, JSONClient, ServerError, connect
+from twisted_lab.client import FrameClient, MessageClient, ServerError, connect
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORTS = {"echo": 9090, "identity": 9091, "auth": 9092, "chat": 9093}
@@ -186,19 +186,23 @@ async def connectOrAbort(
             tls=getattr(options, "tls", False),
             cafile=getattr(options, "cafile", None),
         )
-    except error.ConnectionRefusedError:
-        raise Abort(
-            f"cannot connect to {host}:{port}: connection refused "
-            "(is the server running?)"
-        ) from None
-    except error.DNSLookupError:
-        raise Abort(f"cannot connect to {host}:{port}: unknown host") from None
-    except error.TimeoutError:
-        raise Abort(f"cannot connect to {host}:{port}: timed out") from None
-    except error.ConnectError as e:
-        raise Abort(f"cannot connect to {host}:{port}: {e}") from None
-    except OSError as e:
-        raise Abort(f"cannot connect to {host}:{port}: {e}") from None
+    except (error.ConnectError, OSError) as e:  # OSError: an unreadable --cafile
+        raise cannotConnect(host, port, e) from None
+
+
+def cannotConnect(host: str, port: int, e: Exception) -> Abort:
+    """
+    The one-line message for a connection that could not be made.
+    """
+    if isinstance(e, error.ConnectionRefusedError):
+        why = "connection refused (is the server running?)"
+    elif isinstance(e, error.DNSLookupError):
+        why = "unknown host"
+    elif isinstance(e, error.TimeoutError):
+        why = "timed out"
+    else:
+        why = str(e)
+    return Abort(f"cannot connect to {host}:{port}: {why}")
 
 
 def writeReply(payload: bytes, out: Any = None) -> None:
@@ -231,8 +235,8 @@ async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
                 if line is None or (options.interactive and line == b"/quit"):
                     break
                 writeReply(await client.request(line))
-    except (error.ConnectionDone, error.ConnectionLost) as e:
-        raise Abort(f"connection lost: {e}") from None
+    finally:
+        client.transport.loseConnection()
     await client.close()
     return 0
 
@@ -246,11 +250,10 @@ async def runIdentity(reactor: Any, options: argparse.Namespace) -> int:
     as asked; when the server asks for a name, use C{--name} or ask for one
     (again, with the server's reason, while it is refused).
     """
-    frames = FrameClient(reporter(options.quiet))
-    await connectOrAbort(reactor, options, frames)
-    client = JSONClient(frames)
+    client = MessageClient(report=reporter(options.quiet))
+    await connectOrAbort(reactor, options, client)
     try:
-        greeting = await client.receive()
+        greeting = await client.nextMessage()
         known = greeting.get("type") == "welcome"
         if known:
             print(f"Welcome back, {greeting['name']}! (visit {greeting['visits']})")
@@ -269,15 +272,13 @@ async def runIdentity(reactor: Any, options: argparse.Namespace) -> int:
         elif not known and not options.forget:
             welcome = await askName(reactor, client, options.interactive)
             print(f"Hello, {welcome['name']}! (visit {welcome['visits']})")
-    except ServerError as e:
-        raise Abort(f"the server said {e}") from None
-    except (error.ConnectionDone, error.ConnectionLost) as e:
-        raise Abort(f"connection lost: {e}") from None
-    await frames.close()
+    finally:
+        client.transport.loseConnection()
+    await client.close()
     return 0
 
 
-async def askName(reactor: Any, client: JSONClient, interactive: bool) -> dict:
+async def askName(reactor: Any, client: MessageClient, interactive: bool) -> dict:
     """
     Ask for a name until the server accepts one; its C{welcome}.  Without
     a terminal the name is one line of standard input.
@@ -387,23 +388,41 @@ def _nonEmpty(text: str) -> str:
     return text.strip()
 
 
-def describeError(e: ServerError) -> str:
-    if e.code == "rate_limited":
-        return f"rate limited: try again in {e.reply.get('retry_after', '?')} s"
-    return f"{e.code}: {e.message}"
+def failureMessage(e: Exception, options: argparse.Namespace) -> Abort | None:
+    """
+    The one-line L{Abort} for the failures every command can meet, or None
+    for a bug (which should show its traceback).
+    """
+    if isinstance(e, Abort):
+        return e
+    if isinstance(e, ServerError):
+        if e.code == "invalid_token":  # the saved session was refused
+            forgetSession()
+            return Abort("the saved session has expired: log in again")
+        if e.code == "rate_limited":
+            return Abort(
+                f"rate limited: try again in {e.reply.get('retry_after', '?')} s"
+            )
+        return Abort(f"{e.code}: {e.message}")
+    if isinstance(e, (error.ConnectionDone, error.ConnectionLost)):
+        return Abort(f"connection lost: {e}")
+    if isinstance(e, SSLError):
+        return Abort(f"TLS failed: {e}")
+    if isinstance(e, error.ConnectError):
+        return cannotConnect(options.host, options.port, e)
+    return None
 
 
 async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab auth} command.
     """
-    frames = FrameClient(reporter(options.quiet))
+    client = MessageClient(report=reporter(options.quiet))
     action = options.action
     saved = loadSession()
     if action in ("whoami", "logout", "passwd") and saved is None:
         raise Abort("not logged in: run 'netlab auth login' first")
-    await connectOrAbort(reactor, options, frames)
-    client = JSONClient(frames)
+    await connectOrAbort(reactor, options, client)
     try:
         if action == "register":
             reply = await client.call(
@@ -434,13 +453,7 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
             print(f"Logged in as {reply['username']} (session saved in {path}).")
         else:
             assert saved is not None
-            try:
-                await client.call({"type": "resume", "token": saved["token"]})
-            except ServerError as e:
-                if e.code == "invalid_token":
-                    forgetSession()
-                    raise Abort("the saved session has expired: log in again") from None
-                raise
+            await client.call({"type": "resume", "token": saved["token"]})
             if action == "whoami":
                 reply = await client.call({"type": "whoami"})
                 print(reply["username"])
@@ -453,13 +466,9 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
                     {"type": "change_password", "old": options.old, "new": options.new}
                 )
                 print("Password changed; your other sessions were logged out.")
-    except ServerError as e:
-        raise Abort(describeError(e)) from None
-    except (error.ConnectionDone, error.ConnectionLost) as e:
-        raise Abort(f"connection lost: {e}") from None
-    except SSLError as e:
-        raise Abort(f"TLS failed: {e}") from None
-    await frames.close()
+    finally:
+        client.transport.loseConnection()
+    await client.close()
     return 0
 
 
@@ -488,21 +497,9 @@ async def runChat(reactor: Any, options: argparse.Namespace) -> int:
     """
     from twisted_lab.chatclient import runChatSession
 
-    try:
-        return await runChatSession(
-            reactor, options, options.token, reporter(options.quiet)
-        )
-    except ServerError as e:
-        if e.code == "invalid_token":
-            forgetSession()
-            raise Abort("the saved session has expired: log in again") from None
-        raise Abort(describeError(e)) from None
-    except error.ConnectionRefusedError:
-        raise Abort(
-            f"cannot connect to {options.host}:{options.port}: connection refused"
-        ) from None
-    except (error.ConnectError, error.ConnectionDone, error.ConnectionLost) as e:
-        raise Abort(f"connection failed: {e}") from None
+    return await runChatSession(
+        reactor, options, options.token, reporter(options.quiet)
+    )
 
 
 # -- argument parsing and main ----------------------------------------------
@@ -630,9 +627,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     async def run(reactor: Any) -> None:
         try:
             code = await options.run(reactor, options)
-        except Abort as e:
-            print(f"netlab: {e}", file=sys.stderr)
-            code = e.code
+        except Exception as e:  # noqa: BLE001 - mapped below, or re-raised
+            abort = failureMessage(e, options)
+            if abort is None:
+                raise
+            print(f"netlab: {abort}", file=sys.stderr)
+            code = abort.code
         if code:
             raise SystemExit(code)
 

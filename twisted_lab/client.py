@@ -52,8 +52,10 @@ class FrameClient(FrameReceiver):
     def __init__(self, report: Report = _silent, label: str = "") -> None:
         self.report = report
         self.label = label
-        self._frames: deque[bytes] = deque()
-        self._waiting: deque[defer.Deferred[bytes]] = deque()
+        # What arrived before anyone asked, and who is waiting: frames here,
+        # decoded messages in MessageClient.
+        self._inbox: deque[Any] = deque()
+        self._waiting: deque[defer.Deferred[Any]] = deque()
         self._lostReason: Failure | None = None
         #: Fires (with None) once the connection is closed, for any reason;
         #: the reason is in C{lostReason}.
@@ -67,10 +69,22 @@ class FrameClient(FrameReceiver):
 
     def stringReceived(self, frame: bytes) -> None:
         self.report(f"received {len(frame)} bytes")
+        self._deliver(frame)
+
+    def _deliver(self, item: Any) -> None:
         if self._waiting:
-            self._waiting.popleft().callback(frame)
+            self._waiting.popleft().callback(item)
         else:
-            self._frames.append(frame)
+            self._inbox.append(item)
+
+    def _next(self) -> defer.Deferred[Any]:
+        if self._inbox:
+            return defer.succeed(self._inbox.popleft())
+        if self._lostReason is not None:
+            return defer.fail(self._lostReason)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._waiting.append(d)
+        return d
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.report(f"server announced a {length}-byte frame; giving up")
@@ -88,13 +102,7 @@ class FrameClient(FrameReceiver):
         The next frame from the server; fails with the disconnection reason
         if the connection is (or becomes) closed first.
         """
-        if self._frames:
-            return defer.succeed(self._frames.popleft())
-        if self._lostReason is not None:
-            return defer.fail(self._lostReason)
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self._waiting.append(d)
-        return d
+        return self._next()
 
     def request(self, payload: bytes) -> defer.Deferred[bytes]:
         """
@@ -180,76 +188,22 @@ class ServerError(Exception):
         super().__init__(f"{self.code}: {self.message}")
 
 
-class JSONClient:
-    """
-    JSON requests and replies over a L{FrameClient}: C{call} numbers each
-    request with an C{id} and waits for the reply carrying it; messages the
-    server sends unprompted (greetings, broadcasts) wait in a queue for
-    C{receive}.
-    """
-
-    def __init__(self, frames: FrameClient) -> None:
-        self.frames = frames
-        self._nextId = 1
-        self._unsolicited: deque[dict[str, Any]] = deque()
-
-    async def _read(self) -> dict[str, Any]:
-        frame = await self.frames.receive()
-        message = json.loads(frame)
-        if not isinstance(message, dict):
-            raise ValueError("the server sent something other than a JSON object")
-        return message
-
-    async def receive(self) -> dict[str, Any]:
-        """
-        The next message the server sent unprompted.
-        """
-        if self._unsolicited:
-            return self._unsolicited.popleft()
-        return await self._read()
-
-    def send(self, message: dict[str, Any]) -> None:
-        """
-        Send a message without waiting for anything.
-        """
-        self.frames.send(encodeMessage(message))
-
-    async def call(self, message: dict[str, Any], check: bool = True) -> dict[str, Any]:
-        """
-        Send a request and return its reply; with C{check}, an C{error}
-        reply raises L{ServerError}.
-        """
-        requestId = self._nextId
-        self._nextId += 1
-        self.send({**message, "id": requestId})
-        while True:
-            reply = await self._read()
-            if reply.get("id") == requestId:
-                break
-            if "id" in reply:
-                continue  # the reply to a request whose caller gave up
-            self._unsolicited.append(reply)
-        reply.pop("id")
-        if check and reply.get("type") == "error":
-            raise ServerError(reply)
-        return reply
-
-
 class MessageClient(FrameClient):
     """
-    A JSON client that routes each reply to the call that carries its
-    C{id} and hands every other message (broadcasts, greetings) to
-    C{onMessage} as it arrives: for clients that must show what the
-    server sends at any time, like the chat client.
+    A JSON client: C{call} numbers each request with an C{id} and its
+    Deferred fires with the reply carrying it.  Every other message
+    (greetings, broadcasts) goes to C{onMessage} as it arrives, for clients
+    that show what the server sends at any time (chat); without one, such
+    messages wait in order for L{nextMessage} (identity's greeting).
     """
 
     def __init__(
         self,
-        onMessage: Callable[[dict[str, Any]], None],
+        onMessage: Callable[[dict[str, Any]], None] | None = None,
         report: Report = _silent,
     ) -> None:
         super().__init__(report)
-        self.onMessage = onMessage
+        self.onMessage = onMessage or self._deliver
         self._calls: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._nextId = 1
 
@@ -261,6 +215,7 @@ class MessageClient(FrameClient):
             self.report("the server sent something that is not JSON")
             return
         if not isinstance(message, dict):
+            self.report("the server sent JSON that is not an object")
             return
         waiting = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
         if waiting is not None:
@@ -268,6 +223,13 @@ class MessageClient(FrameClient):
             waiting.callback(message)
         else:
             self.onMessage(message)
+
+    def nextMessage(self) -> defer.Deferred[dict[str, Any]]:
+        """
+        The next message the server sent unprompted (when there is no
+        C{onMessage}).
+        """
+        return self._next()
 
     def call(
         self, message: dict[str, Any], check: bool = True
