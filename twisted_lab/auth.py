@@ -21,7 +21,6 @@ from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -50,11 +49,11 @@ from twisted_lab.messages import (
 )
 from twisted_lab.server import (
     ServerFactory,
-    ServerOptions,
+    StoredServerOptions,
     nonNegativeFloat,
     positiveInt,
 )
-from twisted_lab.store import DEFAULT_PATH, Store
+from twisted_lab.store import Store
 
 DEFAULT_PORT = 9092
 DEFAULT_SESSION_IDLE = 24 * 3600.0
@@ -417,6 +416,8 @@ class AuthFactory(ServerFactory):
     Shared state of the auth service: store, hasher, portal, throttles.
     """
 
+    protocol = AuthProtocol
+
     def __init__(
         self,
         store: Store,
@@ -434,31 +435,22 @@ class AuthFactory(ServerFactory):
         self.sessionIdle = sessionIdle
         self.sessionMax = sessionMax
         self.registrationsPerHour = registrationsPerHour
-        self._throttlesFor: Any = None
-
-    def startFactory(self) -> None:
-        self.ensureReady()
-
-    def ensureReady(self) -> None:
-        """
-        Build what needs the clock (known once the service starts).
-        """
-        if self._throttlesFor is self.clock:
-            return
-        self._throttlesFor = clock = self.clock
-        self.portal = Portal(
-            self.makeRealm(),
-            [
-                PasswordChecker(self.store, self.hasher),
-                TokenChecker(self.store, clock, self.sessionIdle),
-            ],
-        )
+        clock = self.clock
+        if clock is None:
+            raise TypeError("the auth factory needs its clock (the reactor)")
         self.accountFailures = FailureThrottle(clock, free=ACCOUNT_FREE_FAILURES)
         self.addressFailures = FailureThrottle(clock, free=ADDRESS_FREE_FAILURES)
         self.registrations = TokenBucket(
             clock,
-            capacity=self.registrationsPerHour,
-            rate=self.registrationsPerHour / 3600.0,
+            capacity=registrationsPerHour,
+            rate=registrationsPerHour / 3600.0,
+        )
+        self.portal = Portal(
+            self.makeRealm(),
+            [
+                PasswordChecker(store, hasher),
+                TokenChecker(store, clock, sessionIdle),
+            ],
         )
 
     def makeRealm(self) -> Any:
@@ -467,16 +459,8 @@ class AuthFactory(ServerFactory):
         """
         return AccountRealm()
 
-    def buildProtocol(self, addr: IAddress | None) -> AuthProtocol:
-        self.ensureReady()
-        protocol = self.protocolClass()
-        protocol.factory = self
-        return protocol
 
-    protocolClass: type[AuthProtocol] = AuthProtocol
-
-
-class Options(ServerOptions):
+class Options(StoredServerOptions):
     """
     Options of C{twistd netlab-auth}.
     """
@@ -489,7 +473,6 @@ class Options(ServerOptions):
     defaultPort = DEFAULT_PORT
     defaultMaxLength = DEFAULT_MAX_LENGTH
     optParameters = [
-        ["db", None, DEFAULT_PATH, "The SQLite database file."],
         ["hash-memory-kib", None, DEFAULT_MEMORY_KIB, "argon2id memory cost.", int],
         ["hash-time-cost", None, DEFAULT_TIME_COST, "argon2id iterations.", int],
         ["hash-parallelism", None, DEFAULT_PARALLELISM, "argon2id lanes.", int],

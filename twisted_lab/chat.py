@@ -584,7 +584,7 @@ class ChatFactory(AuthFactory):
     The chat server: the auth factory plus the chat service and limits.
     """
 
-    protocolClass = ChatProtocol
+    protocol = ChatProtocol
 
     def __init__(
         self,
@@ -596,19 +596,10 @@ class ChatFactory(AuthFactory):
         messageBurst: int = DEFAULT_MESSAGE_BURST,
         **settings: Any,
     ) -> None:
+        self.service = ChatService(store, settings.get("clock"))
         super().__init__(store, hasher, **settings)
         self.maxSendQueue = maxSendQueue
-        self.messageRate = messageRate
-        self.messageBurst = messageBurst
-        self.service = ChatService(store, self.clock)
-
-    def ensureReady(self) -> None:
-        if self._throttlesFor is not self.clock:
-            self.service.clock = self.clock
-            self.flood = TokenBucket(
-                self.clock, capacity=self.messageBurst, rate=self.messageRate
-            )
-        super().ensureReady()
+        self.flood = TokenBucket(self.clock, capacity=messageBurst, rate=messageRate)
 
     def makeRealm(self) -> Any:
         return ChatRealm(self.service)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IAddress
 from twisted.python.usage import UsageError
 
 from twisted_lab.framing import HEADER, HEADER_SIZE
@@ -125,11 +124,7 @@ class EchoFactory(ServerFactory):
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}")
         self.framing = framing
-
-    def buildProtocol(self, addr: IAddress | None) -> ServedConnection:
-        protocol = FRAMINGS[self.framing]()
-        protocol.factory = self
-        return protocol
+        self.protocol = FRAMINGS[framing]
 
 
 FRAMINGS: dict[str, type[ServedConnection]] = {"int32": FramedEcho, "raw": RawEcho}

@@ -25,8 +25,8 @@ from twisted_lab.messages import (
     Text,
     rfc3339,
 )
-from twisted_lab.server import ServerFactory, ServerOptions
-from twisted_lab.store import DEFAULT_PATH, Store
+from twisted_lab.server import ServerFactory, StoredServerOptions
+from twisted_lab.store import Store
 
 DEFAULT_PORT = 9091
 MAX_NAME_CHARS = 64
@@ -154,7 +154,7 @@ class IdentityFactory(ServerFactory):
         self.store = store
 
 
-class Options(ServerOptions):
+class Options(StoredServerOptions):
     """
     Options of C{twistd netlab-identity}.
     """
@@ -166,9 +166,6 @@ class Options(ServerOptions):
     )
     defaultPort = DEFAULT_PORT
     defaultMaxLength = DEFAULT_MAX_LENGTH
-    optParameters = [
-        ["db", None, DEFAULT_PATH, "The SQLite database file."],
-    ]
 
 
 def makeService(config: Options) -> IService:

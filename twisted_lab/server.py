@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted_lab import events
 from twisted_lab.events import DataEventMeter, JSONEventLog
 from twisted_lab.framing import FrameReceiver
+from twisted_lab.store import DEFAULT_PATH as DEFAULT_STORE_PATH
 from twisted_lab.store import Store, StoreService
 
 DEFAULT_FRAME_TIMEOUT = 60.0
@@ -744,9 +745,14 @@ class ServerOptions(usage.Options):
 
     def factorySettings(self) -> dict[str, Any]:
         """
-        The keyword arguments every L{ServerFactory} takes, from options.
+        The keyword arguments every L{ServerFactory} takes, from options,
+        with the reactor as the clock (twistd has installed it by the time
+        it asks a plugin for its service).
         """
+        from twisted.internet import reactor
+
         return {
+            "clock": reactor,
             "maxLength": self["max-length"],
             "idleTimeout": self["idle-timeout"] or None,
             "frameTimeout": self["frame-timeout"] or None,
@@ -754,18 +760,6 @@ class ServerOptions(usage.Options):
             "maxConnectionsPerAddress": self["max-connections-per-address"] or None,
             "dataEventsPerSecond": self["data-events-per-second"] or None,
         }
-
-    def makeStoredService(
-        self, serviceName: str, store: Store, factory: ServerFactory
-    ) -> OrderedServices:
-        """
-        The server these options describe, on top of C{store}: the store
-        opens first and closes only after the server has stopped.
-        """
-        top = OrderedServices()
-        StoreService(store).setServiceParent(top)
-        self.makeNetlabService(serviceName, factory).setServiceParent(top)
-        return top
 
     def makeNetlabService(
         self, serviceName: str, factory: ServerFactory
@@ -781,3 +775,25 @@ class ServerOptions(usage.Options):
             portFile=self["port-file"],
             eventLog=self["event-log"],
         )
+
+
+class StoredServerOptions(ServerOptions):
+    """
+    Options of a service that keeps state in the SQLite store.
+    """
+
+    optParameters = [
+        ["db", None, DEFAULT_STORE_PATH, "The SQLite database file."],
+    ]
+
+    def makeStoredService(
+        self, serviceName: str, store: Store, factory: ServerFactory
+    ) -> OrderedServices:
+        """
+        The server these options describe, on top of C{store}: the store
+        opens first and closes only after the server has stopped.
+        """
+        top = OrderedServices()
+        StoreService(store).setServiceParent(top)
+        self.makeNetlabService(serviceName, factory).setServiceParent(top)
+        return top
