@@ -27,7 +27,6 @@ from twisted_lab.accounts import (
     TokenBucket,
     canonicalUsername,
     checkPassword,
-    throttleKey,
     tokenDigest,
 )
 from twisted_lab.auth import (
@@ -40,6 +39,7 @@ from twisted_lab.auth import (
     TokenChecker,
 )
 from twisted_lab.messages import RequestError
+from twisted_lab.server import addressGroup
 from twisted_lab.store import Store
 
 
@@ -147,12 +147,12 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(len(throttle._keys), 1)
         self.assertEqual(len(bucket._buckets), 1)
 
-    def test_throttleKey(self) -> None:
-        self.assertEqual(throttleKey("127.0.0.2"), "127.0.0.2")
-        self.assertEqual(throttleKey("::ffff:10.1.2.3"), "10.1.2.3")
-        self.assertEqual(throttleKey("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+    def test_addressGroup(self) -> None:
+        self.assertEqual(addressGroup("127.0.0.2"), "127.0.0.2")
+        self.assertEqual(addressGroup("::ffff:10.1.2.3"), "10.1.2.3")
+        self.assertEqual(addressGroup("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
         self.assertEqual(
-            throttleKey("2001:db8:1:2::9"), throttleKey("2001:db8:1:2:ffff::1")
+            addressGroup("2001:db8:1:2::9"), addressGroup("2001:db8:1:2:ffff::1")
         )
 
 

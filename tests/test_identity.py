@@ -11,8 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import EventRecorder, frames, openConnection, waitFor
 from tests.test_messages import replies
-from twisted_lab.identity import IdentityFactory, addressKey, validName
+from twisted_lab.identity import IdentityFactory, validName
 from twisted_lab.messages import RequestError
+from twisted_lab.server import canonicalAddress
 from twisted_lab.store import Store
 
 
@@ -44,11 +45,11 @@ class NameRuleTests(SynchronousTestCase):
         ):
             self.assertInvalid(hostile, "control or invisible")
 
-    def test_addressKey(self) -> None:
-        self.assertEqual(addressKey("127.0.0.2"), "127.0.0.2")
-        self.assertEqual(addressKey("::ffff:127.0.0.2"), "127.0.0.2")
-        self.assertEqual(addressKey("::1"), "::1")
-        self.assertEqual(addressKey("2001:DB8::1"), "2001:db8::1")
+    def test_canonicalAddress(self) -> None:
+        self.assertEqual(canonicalAddress("127.0.0.2"), "127.0.0.2")
+        self.assertEqual(canonicalAddress("::ffff:127.0.0.2"), "127.0.0.2")
+        self.assertEqual(canonicalAddress("::1"), "::1")
+        self.assertEqual(canonicalAddress("2001:DB8::1"), "2001:db8::1")
 
 
 class IdentityProtocolTests(TestCase):

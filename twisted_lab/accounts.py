@@ -34,7 +34,6 @@ from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
 from twisted_lab.messages import RequestError
-from twisted_lab.server import addressGroup
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
 MAX_RAW_USERNAME = 128
@@ -209,10 +208,6 @@ class PasswordHasher:
 
 
 # -- throttling -------------------------------------------------------------
-
-
-#: Throttles key client addresses the way connection caps do.
-throttleKey = addressGroup
 
 
 #: Throttles forget keys that no longer matter once they hold this many,

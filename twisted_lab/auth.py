@@ -36,7 +36,6 @@ from twisted_lab.accounts import (
     canonicalUsername,
     checkPassword,
     newToken,
-    throttleKey,
     tokenDigest,
 )
 from twisted_lab.messages import (
@@ -211,10 +210,6 @@ class AuthProtocol(MessageProtocol):
     sessionDigest: bytes | None = None
     _logout: Any = None
 
-    @property
-    def clientKey(self) -> str:
-        return throttleKey(getattr(self.transport.getPeer(), "host", "?"))
-
     def rateLimited(self, seconds: float, what: str) -> RequestError:
         retry = max(1, math.ceil(seconds))
         self.log.info(
@@ -232,7 +227,7 @@ class AuthProtocol(MessageProtocol):
 
     async def request_register(self, message: Message) -> Message:
         factory = self.factory
-        wait = factory.registrations.take(self.clientKey)
+        wait = factory.registrations.take(self.group)
         if wait:
             raise self.rateLimited(wait, "registration")
         username = canonicalUsername(message["username"])
@@ -256,7 +251,7 @@ class AuthProtocol(MessageProtocol):
             username = ""  # cannot exist: checked against the dummy hash
         wait = max(
             factory.accountFailures.retryAfter(username),
-            factory.addressFailures.retryAfter(self.clientKey),
+            factory.addressFailures.retryAfter(self.group),
         )
         if wait:
             raise self.rateLimited(wait, "login")
@@ -268,7 +263,7 @@ class AuthProtocol(MessageProtocol):
             )
         except UnauthorizedLogin:
             factory.accountFailures.failed(username)
-            factory.addressFailures.failed(self.clientKey)
+            factory.addressFailures.failed(self.group)
             self.log.info(
                 "{peer}: failed login as {username}",
                 event="login_failed",

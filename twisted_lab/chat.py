@@ -17,7 +17,6 @@ C{seq} order, encoded once, the same bytes written to every member.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import IService
@@ -88,9 +87,12 @@ class Room:
         #: not be forgotten while there are any, or a reload would reuse seqs.
         self.pending = 0
 
-    def connections(self) -> Iterable[ChatProtocol]:
-        for connections in list(self.members.values()):
-            yield from list(connections)
+    def connections(self) -> list[ChatProtocol]:
+        """
+        A snapshot of every member connection (a delivery may disconnect a
+        slow consumer, which changes the membership while we iterate).
+        """
+        return [c for connections in self.members.values() for c in connections]
 
 
 @implementer(IAccount)
@@ -345,7 +347,7 @@ class ChatService:
         Write the same C{frames} to every member connection of C{room}.
         """
         now = self.clock.seconds()
-        for connection in list(room.connections()):
+        for connection in room.connections():
             if connection is not exclude:
                 connection.deliver(frames, now)
 

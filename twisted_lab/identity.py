@@ -11,7 +11,6 @@ stored is sent only after the store committed it.
 
 from __future__ import annotations
 
-import ipaddress
 import unicodedata
 from typing import Any
 
@@ -25,7 +24,7 @@ from twisted_lab.messages import (
     Text,
     rfc3339,
 )
-from twisted_lab.server import ServerFactory, StoredServerOptions
+from twisted_lab.server import ServerFactory, StoredServerOptions, canonicalAddress
 from twisted_lab.store import Store
 
 DEFAULT_PORT = 9091
@@ -34,20 +33,6 @@ MAX_NAME_CHARS = 64
 #: (bidi overrides, zero-width joiners), surrogates, private use,
 #: unassigned, and line/paragraph separators.
 FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
-def addressKey(host: str) -> str:
-    """
-    The identity key of a peer host: the IP address as text, IPv4-mapped
-    IPv6 normalised to IPv4.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 def validName(raw: str) -> str:
@@ -94,7 +79,7 @@ class IdentityProtocol(MessageProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.address = addressKey(getattr(self.transport.getPeer(), "host", ""))
+        self.address = canonicalAddress(getattr(self.transport.getPeer(), "host", ""))
         self.runExclusively(self._greet)
 
     async def _greet(self) -> None:

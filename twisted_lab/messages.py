@@ -246,9 +246,6 @@ def validate(message: Message, schema: Schema) -> None:
 # -- the protocol -------------------------------------------------------------
 
 
-Handler = Callable[[Message], "Message | None | defer.Deferred[Message | None]"]
-
-
 class MessageProtocol(FramedServerProtocol):
     """
     A connection speaking JSON requests and replies.

@@ -48,22 +48,32 @@ DEFAULT_MAX_CONNECTIONS = 20_000
 DEFAULT_MAX_PER_ADDRESS = 1_000
 
 
-def addressGroup(host: str) -> str:
+def canonicalAddress(host: str) -> str:
     """
-    The key a client address is limited by: the IP address, with IPv6
-    grouped by /64 (one subscriber usually has a whole /64) and
-    IPv4-mapped IPv6 counted as IPv4.  (Twisted's LimitConnectionsByPeer
-    keys by address object and is broken on current Twisted, #12183.)
+    A peer's IP address as text, the same whichever way it arrived: an
+    IPv4-mapped IPv6 address (C{::ffff:127.0.0.2}, as a dual-stack listener
+    sees IPv4 clients) is the IPv4 address, IPv6 is written canonically.
     """
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
     return str(address)
+
+
+def addressGroup(host: str) -> str:
+    """
+    The key a client address is limited by: its L{canonicalAddress}, with
+    IPv6 grouped by /64 (one subscriber usually has a whole /64).
+    (Twisted's LimitConnectionsByPeer keys by address object and is broken
+    on current Twisted, #12183.)
+    """
+    canonical = canonicalAddress(host)
+    if ":" in canonical:
+        return str(ipaddress.IPv6Network((canonical, 64), strict=False))
+    return canonical
 
 
 def describePeer(address: IAddress) -> str:
