@@ -405,3 +405,51 @@ class EchoAdversarialTests(TestCase):
         names = echo.eventNames()
         self.assertEqual(names.count("frame_too_long"), 2)
         self.assertEqual(names.count("frame_timeout"), 2)
+
+
+class PipeliningWithoutReadingTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_jsonServicesStopReadingAClientThatDoesNotRead(self):
+        """
+        Pipelined requests from a client that never reads its replies: the
+        server stops reading it (flow control) instead of buffering replies
+        without bound, and keeps serving others.
+        """
+        for plugin in ("netlab-identity", "netlab-auth", "netlab-chat"):
+            workdir = Path(self.mktemp()).absolute()
+            server = Server(
+                workdir, plugin, "--port", "0", "--db", str(workdir / "db.sqlite3")
+            )
+            self.addCleanup(server.cleanup)
+            yield defer.ensureDeferred(server.start())
+
+            def flood(server=server, plugin=plugin):
+                status = Path(f"/proc/{server.process.pid}/status")
+                rss = lambda: int(status.read_text().split("VmRSS:")[1].split()[0])  # noqa: E731
+                before = rss()
+                pings = frame(js({"type": "ping", "id": "x" * 100})) * 10_000
+                sent = 0
+                with socket.create_connection(("127.0.0.1", server.port)) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                    s.settimeout(2)
+                    try:
+                        while sent < 256 * 1024 * 1024:
+                            s.sendall(pings)
+                            sent += len(pings)
+                    except TimeoutError:
+                        pass
+                    grown = rss() - before
+                    with FramedSocket.connect_to("127.0.0.1", server.port) as other:
+                        if plugin == "netlab-identity":
+                            other.recv_json()
+                        other.send_json({"type": "ping"})
+                        answer = other.recv_json()
+                return sent, grown, answer
+
+            sent, grown, answer = yield threads.deferToThread(flood)
+            self.assertLess(sent, 64 * 1024 * 1024, plugin)
+            self.assertLess(grown, 64 * 1024, plugin)
+            self.assertEqual(answer, {"type": "pong"}, plugin)
+            yield defer.ensureDeferred(server.stop())

@@ -406,8 +406,12 @@ class ChatProtocol(AuthProtocol):
     _queuedWhileCongested = 0
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         self.joined: set[str] = set()
+        super().connectionMade()
+
+    def startFlowControl(self) -> None:
+        # This connection is its transport's producer: besides pausing
+        # reading, it must count the broadcasts queued while congested.
         self.transport.registerProducer(self, True)
 
     # IPushProducer, as seen by our own transport.
@@ -417,10 +421,14 @@ class ChatProtocol(AuthProtocol):
         if not self._congested:
             self._congested = True
             self._queuedWhileCongested = 0
+            if not self.transport.disconnecting:
+                self.transport.pauseProducing()  # and stop reading, as others do
 
     def resumeProducing(self) -> None:
         self._congested = False
         self._queuedWhileCongested = 0
+        if not self.transport.disconnecting:
+            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self._congested = False

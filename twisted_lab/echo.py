@@ -31,24 +31,7 @@ DEFAULT_PORT = 9090
 DEFAULT_MAX_LENGTH = 1024 * 1024
 
 
-class EchoBackpressure:
-    """
-    An echo's output is its input: a client that sends without reading
-    would make the server buffer without bound.  So the transport is
-    registered as its own producer: when its send buffer is full it stops
-    reading (C{pauseProducing}), and it reads again once the buffer drained.
-    The client's own sends then block, and server memory stays bounded.
-    """
-
-    transport: Any
-
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[misc]
-        if not self.transport.disconnecting:
-            self.transport.registerProducer(self.transport, True)
-
-
-class FramedEcho(EchoBackpressure, FramedServerProtocol):
+class FramedEcho(FramedServerProtocol):
     """
     Echoes Int32 frames, in order, binary-safe.
 
@@ -103,7 +86,7 @@ class FramedEcho(EchoBackpressure, FramedServerProtocol):
             self.lengthLimitExceeded(oversized)
 
 
-class RawEcho(EchoBackpressure, ServedConnection):
+class RawEcho(ServedConnection):
     """
     Echoes bytes as they arrive, with no framing.
     """

@@ -285,6 +285,18 @@ class ServedConnection(Protocol):
         self.log.info(
             "client connected: {peer}", event=events.CLIENT_CONNECTED, peer=self.peer
         )
+        self.startFlowControl()
+
+    def startFlowControl(self) -> None:
+        """
+        Keep a peer that sends without reading from making us buffer
+        without bound: the transport is registered as its own producer, so
+        when its send buffer is full it stops reading (C{pauseProducing})
+        and reads again once the buffer has drained.  The peer's own sends
+        then wait, which is TCP flow control doing its job.  (An echo's
+        output is its input; a JSON service answers pipelined requests.)
+        """
+        self.transport.registerProducer(self.transport, True)
 
     @property
     def admitted(self) -> bool:
