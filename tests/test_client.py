@@ -147,20 +147,6 @@ class FailureMessageTests(SynchronousTestCase):
             "rate limited: try again in 4 s",
         )
 
-    def test_expiredSavedSessionIsForgotten(self) -> None:
-        import os
-
-        from twisted_lab.cli import saveSession, sessionPath
-        from twisted_lab.client import ServerError
-
-        os.environ["XDG_CONFIG_HOME"] = os.path.abspath(self.mktemp())
-        self.addCleanup(os.environ.pop, "XDG_CONFIG_HOME")
-        saveSession({"token": "t"})
-        self.assertIn(
-            "log in again", self.message(ServerError({"code": "invalid_token"}))
-        )
-        self.assertFalse(sessionPath().exists())
-
     def test_connectionFailures(self) -> None:
         from twisted.internet import error
 

@@ -109,8 +109,9 @@ class AuthEndToEndTests(TestCase):
         )
         self.assertEqual(code, 0, err)
         self.assertIn(b"Logged in as alice", out)
-        saved = Path(self.env["XDG_CONFIG_HOME"]) / "netlab" / "session.json"
+        saved = Path(self.env["XDG_CONFIG_HOME"]) / "netlab" / "sessions.json"
         self.assertEqual(stat.S_IMODE(os.stat(saved).st_mode), 0o600)
+        self.assertIn(b"alice", saved.read_bytes())
         out, _, code = yield self.auth(server, "whoami")
         self.assertEqual((out, code), (b"alice\n", 0))
         out, _, code = yield self.auth(
@@ -122,9 +123,9 @@ class AuthEndToEndTests(TestCase):
         self.assertEqual(code, 0)
         out, _, code = yield self.auth(server, "logout")
         self.assertEqual((out, code), (b"Logged out.\n", 0))
-        self.assertFalse(saved.exists())
+        self.assertNotIn(b"alice", saved.read_bytes(), "the session is forgotten")
         _, err, code = yield self.auth(server, "whoami")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, 5)
         self.assertIn(b"not logged in", err)
         _, err, code = yield self.auth(
             server,

@@ -102,7 +102,7 @@ class EchoEndToEndTests(TestCase):
         out, err, code = yield defer.ensureDeferred(
             runNetlab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
         )
-        self.assertEqual(code, 1)
+        self.assertEqual(code, 3)
         self.assertEqual(out, b"")
         lines = err.decode().strip().splitlines()
         self.assertEqual(len(lines), 1, err)

@@ -1,71 +1,261 @@
 """
-The C{netlab chat} client: an interactive chat on Twisted's stdio support,
-and two script modes (C{--say}, C{--tail}).
+The C{netlab chat} client: one chat session across connections, what it
+shows, and the order in which what the person types reaches the server.
+
+Everything typed (or piped) goes into one queue and is carried out in
+order, one line at a time: a line is said once the server has broadcast it
+back (the only confirmation a C{say} gets), and a line that met
+C{rate_limited} is said again after C{retry_after}; while the client is
+reconnecting the queue waits and goes on after the catch-up.  So C{seq 30 |
+netlab chat --room dev} says 30 lines, in order, before it exits.
 
 The session survives the connection: if the connection drops, the client
-reconnects with back-off (1 s, 2 s, 4 s ... 30 s), resumes the session with
-its token, joins its rooms again and asks C{history} with C{after} = the
-last C{seq} it saw in each, so nothing said meanwhile is lost.  A message
-seen twice (in history and as a broadcast) is shown once, by C{seq}.
+says why at once, reconnects with back-off (1 s, 2 s, 4 s ... 30 s),
+resumes the session with its token, joins its rooms again and asks
+C{history} with C{after} = the last C{seq} it saw in each, so nothing said
+meanwhile is lost.  A message seen twice is shown once, by C{seq}.
+
+Text from the network is shown through L{sanitize}: no control character,
+escape sequence, bidi override or line break from another user reaches the
+terminal, so nobody can forge the look of another line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Callable
+import unicodedata
+from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from twisted.internet import defer, error, stdio
+from twisted.internet import defer, error
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
-from twisted_lab.client import MessageClient, ServerError, connect
+from twisted_lab.client import ClosedByServer, MessageClient, ServerError, connect
 from twisted_lab.messages import encodeMessage
 
-HELP = """commands:
-  /join ROOM        join a room (it becomes the current one)
-  /leave            leave the current room
-  /msg USER TEXT    private message
-  /who              members of the current room
-  /rooms            rooms and how many are in each
-  /history [N]      the last N messages of the current room (default 20)
-  /quit             leave
-  anything else is said to the current room"""
+if TYPE_CHECKING:
+    from twisted_lab.cli import Abort
+
+log = Logger()
+
+COMMANDS = {
+    "/join": "/join ROOM         join ROOM (or switch to it) and talk there",
+    "/part": "/part [ROOM]       leave ROOM (default: the current one); /leave too",
+    "/msg": "/msg USER TEXT     a private message",
+    "/who": "/who [ROOM]        who is in ROOM (default: the current one)",
+    "/rooms": "/rooms             rooms and how many are in each",
+    "/history": "/history [N] [ROOM] the last N messages (default 20)",
+    "/quit": "/quit              leave (Ctrl-D too)",
+    "/help": "/help              this list",
+}
+ALIASES = {"/leave": "/part", "/exit": "/quit", "/names": "/who"}
+
+HELP = (
+    "commands (Tab completes commands, rooms and names):\n"
+    + "\n".join(f"  {text}" for text in COMMANDS.values())
+    + "\n  anything else is said in the current room (shown in the prompt)"
+)
+
+#: Styles of the parts of a line, as ANSI SGR parameters.
+ANSI = {
+    "time": "2",
+    "room": "36",
+    "me": "1;32",
+    "nick": "1;33",
+    "private": "1;35",
+    "info": "34",
+    "error": "1;31",
+    "text": "",
+}
+
+Segments = list[tuple[str, str]]
 
 
-def clock(ts: str) -> str:
+# -- showing what comes from the network ------------------------------------
+
+
+def sanitize(text: Any) -> str:
     """
-    HH:MM in local time for an RFC 3339 UTC timestamp.
+    C{text} safe to print: C0 controls become their visible Control
+    Pictures (ESC is C{␛}, a newline C{␊}), DEL C{␡}, and C1 controls,
+    format characters (bidi overrides, zero-width), line and paragraph
+    separators, surrogates and unassigned code points become C{<U+XXXX>}.
+    """
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if code < 0x20:
+            out.append(chr(0x2400 + code))
+        elif code == 0x7F:
+            out.append("\u2421")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(f"<U+{code:04X}>")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def stamp(ts: Any, now: datetime | None = None) -> str:
+    """
+    C{HH:MM} in local time for an RFC 3339 timestamp of today, else
+    C{YYYY-MM-DD HH:MM}.
     """
     try:
-        return (
-            datetime.fromisoformat(ts.replace("Z", "+00:00"))
-            .astimezone()
-            .strftime("%H:%M")
-        )
+        when = datetime.fromisoformat(str(ts).replace("Z", "+00:00")).astimezone()
     except ValueError:
         return "--:--"
+    today = (now or datetime.now().astimezone()).date()
+    if when.date() == today:
+        return when.strftime("%H:%M")
+    return when.strftime("%Y-%m-%d %H:%M")
 
 
-def render(message: dict[str, Any]) -> str | None:
+def render(
+    message: dict[str, Any], me: str = "", now: datetime | None = None
+) -> Segments | None:
     """
-    How a message from the server is shown, or None for nothing.
+    How a message from the server is shown, as styled segments, or None
+    for nothing.  Every room line names its room.
     """
     kind = message.get("type")
     if kind == "message":
-        return f"[{clock(message['ts'])}] <{message['from']}> {message['text']}"
+        sender = sanitize(message.get("from", "?"))
+        return [
+            ("time", f"[{stamp(message.get('ts'), now)}] "),
+            ("room", f"#{sanitize(message.get('room', '?'))} "),
+            ("me" if sender == me else "nick", f"<{sender}>"),
+            ("text", f" {sanitize(message.get('text', ''))}"),
+        ]
     if kind == "private":
-        return (
-            f"[{clock(message['ts'])}] *{message['from']}* (private) {message['text']}"
-        )
+        return [
+            ("time", f"[{stamp(message.get('ts'), now)}] "),
+            ("private", f"*{sanitize(message.get('from', '?'))}* (private)"),
+            ("text", f" {sanitize(message.get('text', ''))}"),
+        ]
     if kind == "presence":
         verb = "joined" if message.get("event") == "join" else "left"
-        return f"* {message['user']} {verb} {message['room']}"
+        return [
+            (
+                "info",
+                f"-!- {sanitize(message.get('user', '?'))} {verb} "
+                f"#{sanitize(message.get('room', '?'))}",
+            )
+        ]
     if kind == "error":
-        return f"! {message.get('code')}: {message.get('message')}"
+        return errorLine(message)
     return None
+
+
+def errorLine(message: dict[str, Any]) -> Segments:
+    text = f"!!! {sanitize(message.get('code'))}: {sanitize(message.get('message'))}"
+    if "retry_after" in message:
+        text += f" (retry in {sanitize(message['retry_after'])} s)"
+    return [("error", text)]
+
+
+def plain(segments: Segments) -> str:
+    return "".join(text for _, text in segments)
+
+
+def ansi(segments: Segments) -> str:
+    parts = []
+    for style, text in segments:
+        code = ANSI.get(style, "")
+        parts.append(f"\x1b[{code}m{text}\x1b[0m" if code else text)
+    return "".join(parts)
+
+
+def wantColour(stream: TextIO) -> bool:
+    """
+    Colours only on a terminal, and never with C{NO_COLOR} set.
+    """
+    try:
+        return stream.isatty() and not os.environ.get("NO_COLOR")
+    except ValueError:
+        return False
+
+
+class View:
+    """
+    Where the session's lines go: standard output, plain or in colour, or
+    one JSON object per line with C{--json}.
+    """
+
+    def __init__(
+        self,
+        json: bool = False,
+        colour: bool = False,
+        stream: TextIO | None = None,
+        asides: TextIO | None = None,
+    ) -> None:
+        self.json = json
+        self.colour = colour
+        self._stream = stream
+        self._asides = asides
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stdout
+
+    @property
+    def asides(self) -> TextIO:
+        return self._asides if self._asides is not None else sys.stderr
+
+    def show(
+        self, segments: Segments | None, record: dict[str, Any], aside: bool = False
+    ) -> None:
+        """
+        Show a line: C{segments} for people, C{record} with C{--json}.  An
+        C{aside} (a remark of the client's own, not what the server said)
+        goes to standard error when standard output is for results.
+        """
+        if self.json:
+            self.write(json.dumps(record, ensure_ascii=False))
+        elif segments:
+            self.write(ansi(segments) if self.colour else plain(segments), aside)
+
+    def info(self, text: str, **fields: Any) -> None:
+        self.show(
+            [("info", f"-!- {text}")], {"event": "info", "text": text, **fields}, True
+        )
+
+    def problem(self, text: str, **fields: Any) -> None:
+        self.show(
+            [("error", f"!!! {text}")], {"event": "error", "text": text, **fields}, True
+        )
+
+    def write(self, line: str, aside: bool = False) -> None:
+        stream = self.asides if aside else self.stream
+        stream.write(line + "\n")
+        stream.flush()
+
+    def changed(self) -> None:
+        """
+        The session's state changed (a front end with a prompt redraws it).
+        """
+
+
+# -- the session --------------------------------------------------------------
+
+
+class SessionEnded(Exception):
+    """
+    The session cannot go on (its token was refused, the server is gone).
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+Connector = Callable[[MessageClient], Awaitable[Any]]
 
 
 class ChatSession:
@@ -74,277 +264,626 @@ class ChatSession:
     """
 
     maxBackoff = 30.0
+    historyPage = 500
 
     def __init__(
         self,
         reactor: Any,
-        options: argparse.Namespace,
-        token: str | None,
-        show: Callable[[str], None],
-        report: Callable[[str], None],
+        view: View,
+        connector: Connector,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        room: str | None = None,
+        showJoinHistory: bool = True,
+        maxAttempts: int | None = None,
+        onToken: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.reactor = reactor
-        self.options = options
+        self.view = view
+        self.connector = connector
         self.token = token
-        self.show = show
-        self.report = report
+        self.loginName = username
+        self.password = password
+        self.current: str | None = room
+        self.showJoinHistory = showJoinHistory
+        self.maxAttempts = maxAttempts
+        self.onToken = onToken
+        self.username = ""
         self.rooms: list[str] = []
-        self.current: str | None = options.room
+        self.knownRooms: set[str] = set()
+        self.names: set[str] = set()
         self.lastSeq: dict[str, int] = {}
         self.client: MessageClient | None = None
         self.closing = False
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self.username = ""
+        self.refused = 0
+        #: Fires with the exit status when the session is over.
+        self.done: defer.Deferred[int] = defer.Deferred()
+        self._live = False
+        self._waiters: list[defer.Deferred[None]] = []
+        self._queue: deque[str] = deque()
+        self._working = False
+        self._inputEnded = False
+        self._inFlight: tuple[str, str, str, defer.Deferred[None]] | None = None
+        self._sayCount = 0
+        #: Called when what a prompt shows may have changed.
+        self.onChange: Callable[[], None] = lambda: None
+
+    @property
+    def isLive(self) -> bool:
+        """
+        Connected, rejoined and caught up.
+        """
+        return self.client is not None and self._live
 
     # -- connection -----------------------------------------------------------
+
+    def show(self, message: dict[str, Any], event: str = "message") -> None:
+        self.view.show(render(message, self.username), {"event": event, event: message})
+
+    async def start(self) -> None:
+        """
+        The first connection; its failures are the command's failures.
+        """
+        await self.connect()
 
     async def connect(self) -> None:
         """
         Connect, authenticate, rejoin rooms and catch up.
         """
-        client = MessageClient(self.received, self.report)
-        await connect(
-            self.reactor,
-            self.options.host,
-            self.options.port,
-            client,
-            self.options.timeout,
-            self.options.bind,
-        )
+        self._live = False
+        client = MessageClient(self.received)
+        await self.connector(client)
         self.client = client
-        client.disconnected.addCallback(lambda _: self.lost())
+        client.disconnected.addCallback(lambda _: self.lost(client))
         if self.token is not None:
             session = await client.call({"type": "resume", "token": self.token})
         else:
             session = await client.call(
                 {
                     "type": "login",
-                    "username": self.options.user,
-                    "password": self.options.password,
+                    "username": self.loginName,
+                    "password": self.password,
                 }
             )
             self.token = session["token"]
-        if not self.username and self.options.interactive_chat:
-            self.show(f"* logged in as {session['username']}; /help lists the commands")
+            self.password = None
+            if self.onToken is not None:
+                self.onToken(session)
+        if not self.username and self.showJoinHistory:
+            self.view.info(
+                f"logged in as {sanitize(session['username'])}; /help lists the "
+                "commands",
+                username=session["username"],
+            )
         self.username = session["username"]
-        if not self.options.join_on_connect:
-            return
         rooms = list(self.rooms) or ([self.current] if self.current else [])
         for room in rooms:
-            await self.join(room)
+            await self.join(room, switch=False)
+        if self.current is None and self.rooms:
+            self.current = self.rooms[0]
+        self._settleInFlight()
+        self._live = True
+        self.onChange()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        self._pump()
 
-    async def join(self, room: str) -> None:
+    async def join(self, room: str, switch: bool = True) -> None:
         assert self.client is not None
         joined = await self.client.call({"type": "join", "room": room})
+        room = joined.get("room", room)
         if room not in self.rooms:
             self.rooms.append(room)
-        self.current = room
+        self.knownRooms.add(room)
+        self.names.update(joined.get("members", []))
+        if switch or self.current is None:
+            self.current = room
         seen = self.lastSeq.get(room)
         if seen is None:
-            history = joined["history"] if self.options.interactive_chat else []
-            if self.options.interactive_chat:
-                self.show(f"* joined {room}: {', '.join(joined['members'])}")
-        else:
-            reply = await self.client.call(
-                {"type": "history", "room": room, "after": seen, "limit": 500}
+            members = ", ".join(sanitize(m) for m in joined.get("members", []))
+            self.view.info(
+                f"joined #{sanitize(room)}: {members}",
+                room=room,
+                members=joined.get("members", []),
             )
-            history = reply["messages"]
-        for message in history:
-            self.received(message)
-        self.lastSeq.setdefault(room, joined["last_seq"])
+            history = joined.get("history", []) if self.showJoinHistory else []
+            for message in history:
+                self.received(message)
+            self.lastSeq.setdefault(room, joined.get("last_seq", 0))
+        else:
+            # Catch up on everything after the last seq seen, page by page.
+            while True:
+                reply = await self.client.call(
+                    {
+                        "type": "history",
+                        "room": room,
+                        "after": self.lastSeq[room],
+                        "limit": self.historyPage,
+                    }
+                )
+                for message in reply.get("messages", []):
+                    self.received(message)
+                if len(reply.get("messages", [])) < self.historyPage:
+                    break
 
     def received(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "message":
-            room, seq = message["room"], message["seq"]
-            if seq <= self.lastSeq.get(room, 0):
-                return  # already shown
-            self.lastSeq[room] = seq
-        line = render(message)
-        if line is not None:
-            self.show(line)
+        kind = message.get("type")
+        if kind == "message":
+            room, seq = message.get("room"), message.get("seq")
+            if isinstance(room, str) and isinstance(seq, int):
+                if seq <= self.lastSeq.get(room, 0):
+                    return  # already shown
+                self.lastSeq[room] = seq
+            sender = message.get("from")
+            if isinstance(sender, str):
+                self.names.add(sender)
+            self._confirm(message)
+        elif kind == "presence" and isinstance(message.get("user"), str):
+            self.names.add(message["user"])
+        elif kind == "private" and isinstance(message.get("from"), str):
+            self.names.add(message["from"])
+        elif kind == "error" and self._sayFailed(message):
+            return
+        self.show(message)
 
-    def lost(self) -> None:
-        self.client = None
-        if not self.closing:
-            defer.ensureDeferred(self.reconnect())
+    def lost(self, client: MessageClient) -> None:
+        if self.client is client:
+            self.client = None
+            self._live = False
+        self.onChange()
+        # A line in flight is settled after the catch-up: it may be stored.
+        if self.closing:
+            return
+        reason = client.lostReason
+        why = "closed by the server"
+        if client.closingError is not None:
+            why = (
+                f"{sanitize(client.closingError.get('code'))}: "
+                f"{sanitize(client.closingError.get('message'))}"
+            )
+        elif reason is not None and not reason.check(error.ConnectionDone):
+            why = sanitize(reason.getErrorMessage())
+        self.view.problem(f"connection lost ({why})", reason=why)
+        if client.closingError is not None and client.closingError.get("code") in (
+            "session_revoked",
+            "session_expired",
+        ):
+            self.end(SessionEnded("the session is no longer valid: log in again", 5))
+            return
+        defer.ensureDeferred(self.reconnect())
 
     async def reconnect(self) -> None:
         delay = 1.0
+        attempts = 0
         while not self.closing:
-            self.show(f"* connection lost; reconnecting in {delay:.0f} s")
+            self.view.info(f"reconnecting in {delay:g} s")
             await deferLater(self.reactor, delay, lambda: None)
+            if self.closing:
+                return
+            attempts += 1
             try:
                 await self.connect()
             except ServerError as e:
-                self.show(f"! cannot resume: {e}")
-                self.finish()
+                self.end(
+                    SessionEnded(
+                        f"cannot resume the session: {e.code}: {e.message}",
+                        5 if e.code in ("invalid_token", "session_expired") else 1,
+                    )
+                )
                 return
             except (error.ConnectError, error.ConnectionDone, error.ConnectionLost):
+                if self.maxAttempts is not None and attempts >= self.maxAttempts:
+                    self.end(SessionEnded("the server is gone; giving up", 4))
+                    return
                 delay = min(self.maxBackoff, delay * 2)
                 continue
-            self.show("* reconnected")
+            self.view.info("reconnected")
             return
 
-    def finish(self) -> None:
+    def end(self, failure: Exception | int) -> None:
+        """
+        The session is over: with an exit status, or a L{SessionEnded}.
+        """
         self.closing = True
         if self.client is not None:
-            self.client.transport.loseConnection()
+            self.client.close()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(defer.CancelledError())
         if not self.done.called:
-            self.done.callback(None)
+            if isinstance(failure, int):
+                self.done.callback(failure)
+            else:
+                self.done.errback(failure)
+
+    def finish(self) -> None:
+        self.end(1 if self.refused else 0)
 
     # -- what the person types ------------------------------------------------
 
-    def say(self, room: str, text: str) -> None:
+    def typed(self, line: str) -> None:
         """
-        Say C{text} in C{room}.  A C{say} has no reply (the broadcast is
-        the confirmation), so it goes without an C{id}: an error about it
-        arrives like any other message and is shown.
+        Queue one typed (or piped) line; lines are carried out in order.
         """
-        assert self.client is not None
-        self.client.send(encodeMessage({"type": "say", "room": room, "text": text}))
+        for part in line.splitlines() or [""]:
+            if part.strip():
+                self._queue.append(part)
+        self._pump()
+        self.onChange()
 
-    async def command(self, line: str) -> None:
-        line = line.strip()
-        if not line:
+    def inputEnded(self) -> None:
+        """
+        No more lines will come: finish once the queue is done.
+        """
+        self._inputEnded = True
+        self._pump()
+
+    @property
+    def pending(self) -> int:
+        """
+        Lines typed and not yet carried out.
+        """
+        return len(self._queue) + (1 if self._working else 0)
+
+    def _pump(self) -> None:
+        if self._working or self.closing:
             return
-        if self.client is None:
-            self.show("! not connected right now; try again in a moment")
+        if not self._queue:
+            if self._inputEnded:
+                self.finish()
             return
+        self._working = True
+        defer.ensureDeferred(self._work())
+
+    async def _work(self) -> None:
         try:
-            await self._command(line)
-        except ServerError as e:
-            self.show(f"! {e.code}: {e.message}")
-        except (error.ConnectionDone, error.ConnectionLost):
-            pass  # the reconnect loop says so
+            while self._queue and not self.closing:
+                line = self._queue[0]
+                try:
+                    await self._carryOut(line)
+                except defer.CancelledError:
+                    return
+                self._queue.popleft()
+                self.onChange()
+        finally:
+            self._working = False
+        self._pump()
 
-    async def _command(self, line: str) -> None:
-        assert self.client is not None
-        word, _, rest = line.partition(" ")
-        rest = rest.strip()
-        if not line.startswith("/"):
-            if self.current is None:
-                self.show("! join a room first: /join ROOM")
+    async def _whenReady(self) -> MessageClient:
+        """
+        The client, once connected, rejoined and caught up.
+        """
+        while self.client is None or not self._live:
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._waiters.append(waiter)
+            await waiter
+        return self.client
+
+    async def _carryOut(self, line: str) -> None:
+        """
+        Carry out one line; it is retried (after a reconnect or a rate
+        limit) until the server has answered it.
+        """
+        while True:
+            client = await self._whenReady()
+            try:
+                await self.command(client, line)
                 return
-            self.say(self.current, line)
-        elif word == "/quit":
+            except ServerError as e:
+                if e.code == "rate_limited":
+                    wait = _seconds(e.reply.get("retry_after"))
+                    self.view.info(
+                        f"rate limited: sending again in {wait:g} s "
+                        f"({len(self._queue)} line(s) waiting)",
+                        retry_after=wait,
+                    )
+                    await deferLater(self.reactor, wait, lambda: None)
+                    continue
+                self.refused += 1
+                self.show(e.reply, "error")
+                return
+            except (error.ConnectionDone, error.ConnectionLost):
+                if self.client is client:
+                    self.client = None
+                    self._live = False
+                continue  # after the reconnect and catch-up
+
+    async def command(self, client: MessageClient, line: str) -> None:
+        stripped = line.strip()
+        word, _, rest = stripped.partition(" ")
+        rest = rest.strip()
+        if not stripped.startswith("/") or stripped.startswith("//"):
+            text = line[1:] if stripped.startswith("//") else line
+            if self.current is None:
+                self.view.problem("join a room first: /join ROOM")
+                self.refused += 1
+                return
+            await self.say(client, self.current, text)
+            return
+        word = ALIASES.get(word.lower(), word.lower())
+        if word == "/quit":
+            self._queue.clear()
             self.finish()
-        elif word == "/help":
-            self.show(HELP)
+            raise defer.CancelledError()
+        if word == "/help":
+            for helpLine in HELP.splitlines():
+                self.view.info(helpLine)
         elif word == "/join" and rest:
-            await self.join(rest)
-        elif word == "/leave" and self.current:
-            await self.client.call({"type": "leave", "room": self.current})
-            self.rooms.remove(self.current)
-            self.lastSeq.pop(self.current, None)
-            self.show(f"* left {self.current}")
-            self.current = self.rooms[-1] if self.rooms else None
+            room = rest.lstrip("#")
+            if room in self.rooms:
+                self.current = room
+                self.view.info(f"talking in #{room}", room=room)
+            else:
+                await self.join(room)
+        elif word == "/part":
+            partRoom: str | None = rest.lstrip("#") or self.current
+            if partRoom is None or partRoom not in self.rooms:
+                self.view.problem(f"not in #{sanitize(partRoom or '?')}")
+                return
+            await client.call({"type": "leave", "room": partRoom})
+            self.rooms.remove(partRoom)
+            self.lastSeq.pop(partRoom, None)
+            if partRoom == self.current:
+                self.current = self.rooms[-1] if self.rooms else None
+                after = (
+                    f"lines now go to #{self.current}"
+                    if self.current
+                    else "you are in no room: /join ROOM"
+                )
+                self.view.info(
+                    f"left #{partRoom}; {after}", room=partRoom, current=self.current
+                )
+            else:
+                self.view.info(f"left #{partRoom}", room=partRoom, current=self.current)
         elif word == "/msg" and " " in rest:
             to, _, text = rest.partition(" ")
-            await self.client.call({"type": "msg", "to": to, "text": text})
-            self.show(f"-> *{to}* {text}")
-        elif word == "/who" and self.current:
-            reply = await self.client.call({"type": "who", "room": self.current})
-            self.show(f"* in {self.current}: {', '.join(reply['members'])}")
+            reply = await client.call({"type": "msg", "to": to, "text": text})
+            self.view.show(
+                [("private", f"-> *{sanitize(to)}*"), ("text", f" {sanitize(text)}")],
+                {"event": "reply", "reply": reply},
+            )
+        elif word == "/who" and (rest or self.current):
+            whoRoom = rest.lstrip("#") or self.current
+            reply = await client.call({"type": "who", "room": whoRoom})
+            members = reply.get("members", [])
+            self.names.update(members)
+            self.view.show(
+                [
+                    ("info", f"-!- in #{sanitize(whoRoom)}: "),
+                    ("text", ", ".join(map(sanitize, members))),
+                ],
+                {"event": "reply", "reply": reply},
+            )
         elif word == "/rooms":
-            reply = await self.client.call({"type": "rooms"})
-            for room in reply["rooms"]:
-                self.show(f"* {room['room']} ({room['members']} here)")
-        elif word == "/history" and self.current:
-            limit = int(rest) if rest.isdigit() else 20
-            reply = await self.client.call(
+            reply = await client.call({"type": "rooms"})
+            rooms = reply.get("rooms", [])
+            self.knownRooms.update(r.get("room") for r in rooms if r.get("room"))
+            listing = ", ".join(
+                f"#{sanitize(r.get('room'))} ({sanitize(r.get('members'))})"
+                for r in rooms
+            )
+            self.view.show(
+                [("info", "-!- rooms: "), ("text", listing or "none")],
+                {"event": "reply", "reply": reply},
+            )
+        elif word == "/history" and (rest or self.current):
+            words = rest.split()
+            limit = next((int(w) for w in words if w.isdigit()), 20)
+            historyRoom = next(
+                (w.lstrip("#") for w in words if not w.isdigit()), self.current
+            )
+            reply = await client.call(
                 {
                     "type": "history",
-                    "room": self.current,
+                    "room": historyRoom,
                     "limit": max(1, min(limit, 500)),
                 }
             )
-            for message in reply["messages"]:
-                shown = render(message)
-                if shown:
-                    self.show(shown)
+            if self.view.json:
+                self.view.show(None, {"event": "reply", "reply": reply})
+            else:
+                for message in reply.get("messages", []):
+                    self.view.show(render(message, self.username), {})
         else:
-            self.show("! unknown command or missing argument; /help lists them")
+            known = word in COMMANDS
+            self.view.problem(
+                f"{word} needs an argument: {COMMANDS[word]}"
+                if known
+                else f"unknown command {sanitize(word)}; /help lists them"
+            )
+
+    async def say(self, client: MessageClient, room: str, text: str) -> None:
+        """
+        Say C{text} in C{room} and wait until the server broadcasts it back
+        (or refuses it: the request carries an C{id} so its error does).
+        """
+        self._sayCount += 1
+        sayId = f"say-{self._sayCount}"
+        confirmed: defer.Deferred[None] = defer.Deferred()
+        self._inFlight = (sayId, room, text, confirmed)
+        client.send(
+            encodeMessage({"type": "say", "room": room, "text": text, "id": sayId})
+        )
+        try:
+            await confirmed
+        finally:
+            if self._inFlight is not None and self._inFlight[3] is confirmed:
+                self._inFlight = None
+
+    def _confirm(self, message: dict[str, Any]) -> None:
+        if self._inFlight is None:
+            return
+        _, room, text, confirmed = self._inFlight
+        if (
+            message.get("from") == self.username
+            and message.get("room") == room
+            and _same(message.get("text"), text)
+        ):
+            self._inFlight = None
+            confirmed.callback(None)
+
+    def _sayFailed(self, message: dict[str, Any]) -> bool:
+        if self._inFlight is None or message.get("id") != self._inFlight[0]:
+            return False
+        confirmed = self._inFlight[3]
+        self._inFlight = None
+        confirmed.errback(ServerError(message))
+        return True
+
+    def _settleInFlight(self) -> None:
+        """
+        After a catch-up: a line in flight when the connection dropped was
+        either in the history just shown (confirmed then) or is said again.
+        """
+        if self._inFlight is None:
+            return
+        confirmed = self._inFlight[3]
+        self._inFlight = None
+        if not confirmed.called:
+            confirmed.errback(error.ConnectionLost("connection lost before the reply"))
+
+
+def _same(a: Any, b: str) -> bool:
+    return isinstance(a, str) and unicodedata.normalize(
+        "NFC", a
+    ) == unicodedata.normalize("NFC", b)
+
+
+def _seconds(value: Any) -> float:
+    try:
+        return max(1.0, min(float(value), 3600.0))
+    except (TypeError, ValueError):
+        return 1.0
+
+
+# -- standard input -------------------------------------------------------------
 
 
 class StdinLines(LineReceiver):
     """
-    Standard input, one line at a time, through Twisted's stdio support.
+    Standard input (a pipe or a file), one line at a time, read to its end
+    through Twisted's stdio support.
     """
 
     delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
 
     def __init__(self, session: ChatSession) -> None:
         self.session = session
-        # Commands run one after another, and end of input waits for them.
-        self._chain: defer.Deferred[Any] = defer.succeed(None)
 
     def lineReceived(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        self._chain.addBoth(lambda _: defer.ensureDeferred(self.session.command(text)))
+        self.session.typed(line.decode("utf-8", "replace").rstrip("\r"))
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._chain.addBoth(lambda _: self.session.finish())
+        if self._buffer:  # a last line without its newline
+            rest, self._buffer = self._buffer, b""
+            self.lineReceived(rest)
+        self.session.inputEnded()
 
 
-def printer(stream: Any = None) -> Callable[[str], None]:
-    def show(line: str) -> None:
-        out = stream if stream is not None else sys.stdout
-        out.write(line + "\n")
-        out.flush()
-
-    return show
+# -- the command ---------------------------------------------------------------
 
 
-async def runChatSession(
-    reactor: Any, options: argparse.Namespace, token: str | None, report: Any
-) -> int:
+async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab chat} command once the token (or password) is known.
     """
-    show = printer()
-    options.interactive_chat = options.say is None and options.tail is None
-    options.join_on_connect = options.tail is None
-    session = ChatSession(reactor, options, token, show, report)
-    try:
-        return await _runSession(session, options, show)
-    finally:
-        session.finish()
+    from twisted_lab.cli import EXIT_LOST, EXIT_OK, Output
 
+    out: Output = options.out
+    view = View(json=options.json, colour=wantColour(sys.stdout) and not options.json)
+    terminal = getattr(options, "terminalUI", False)
 
-async def _runSession(
-    session: ChatSession, options: argparse.Namespace, show: Callable[[str], None]
-) -> int:
-    await session.connect()
-    assert session.client is not None
-    if options.tail is not None:
-        reply = await session.client.call(
-            {"type": "history", "room": options.room, "limit": options.tail}
+    async def connector(client: MessageClient) -> Any:
+        client.report = out.report
+        client.onEvent = out.event
+        return await connect(
+            reactor,
+            options.host,
+            options.port,
+            client,
+            options.timeout,
+            options.bind,
+            tls=options.tls,
+            cafile=options.cafile,
         )
-        for message in reply["messages"]:
-            show(render(message) or "")
-        session.finish()
-        return 0
-    if options.say is not None:
-        outcome: defer.Deferred[dict[str, Any]] = defer.Deferred()
-        original = session.received
 
-        def watch(message: dict[str, Any]) -> None:
-            original(message)
-            mineArrived = (
-                message.get("type") == "message"
-                and message.get("from") == session.username
-                and message.get("text") == options.say
+    def saveToken(session: dict[str, Any]) -> None:
+        from twisted_lab.cli import endpointOf
+        from twisted_lab.sessions import Session, SessionStore
+
+        SessionStore().save(
+            Session(
+                endpointOf(options),
+                session["username"],
+                session["token"],
+                session.get("expires_at", ""),
             )
-            if (mineArrived or message.get("type") == "error") and not outcome.called:
-                outcome.callback(message)
+        )
 
-        session.client.onMessage = watch
-        session.say(options.room, options.say)
-        result = await outcome
-        session.finish()
-        if result.get("type") == "error":
-            raise ServerError(result)
-        return 0
-    stdio.StandardIO(StdinLines(session), reactor=session.reactor)
-    await session.done
-    return 0
+    if terminal:
+        from twisted_lab.terminal import TerminalView
+
+        terminalView = TerminalView(colour=wantColour(sys.stdout))
+        view = terminalView
+    session = ChatSession(
+        reactor,
+        view,
+        connector,
+        token=options.token,
+        username=getattr(options, "user", None),
+        password=getattr(options, "password", None),
+        room=options.room,
+        showJoinHistory=options.say is None and options.tail is None,
+        maxAttempts=None if terminal else 5,
+        onToken=saveToken,
+    )
+    try:
+        if options.tail is not None:
+            session.current = None
+            await session.connect()
+            assert session.client is not None
+            reply = await session.client.call(
+                {"type": "history", "room": options.room, "limit": options.tail}
+            )
+            session.closing = True
+            if options.json:
+                view.show(None, {"event": "reply", "reply": reply})
+            else:
+                for message in reply.get("messages", []):
+                    view.show(render(message, session.username), {})
+            return EXIT_OK
+        await session.start()
+        if options.say is not None:
+            session.typed(options.say)
+            session.inputEnded()
+        elif terminal:
+            from twisted_lab.terminal import runTerminal
+
+            return await runTerminal(session, terminalView)
+        else:
+            from twisted.internet import stdio
+
+            stdio.StandardIO(StdinLines(session), reactor=reactor)
+        return await session.done
+    except SessionEnded as e:
+        out.failed(_abort(str(e), e.code))
+        return e.code
+    except ClosedByServer:
+        raise
+    except (error.ConnectionDone, error.ConnectionLost) as e:
+        if session.closing:
+            return EXIT_OK
+        raise _abort(f"connection lost: {e}", EXIT_LOST) from None
+    finally:
+        session.closing = True
+        if session.client is not None:
+            session.client.close()
+
+
+def _abort(message: str, code: int) -> Abort:
+    from twisted_lab.cli import Abort
+
+    return Abort(message, code=code)

@@ -1,36 +1,73 @@
 """
 The C{netlab} command: a client for every netlab service.
 
-C{netlab echo [--host H] [--port P] [MESSAGE ...]} sends each message as one
-frame and prints each reply on standard output; what happens on the
-connection (connected, sent, received, disconnected) is reported on
-standard error unless C{--quiet}.  When host or port are not given and
-standard input is a terminal, it asks for them, offering the defaults.
+C{netlab echo|identity|auth|chat [--host H] [--port P] [--tls] [--cafile CA]
+[--json] ...}.  Results go to standard output, what happens on the
+connection to standard error (C{--quiet} silences it); with C{--json} both
+are one JSON object per line on standard output.  Expected failures are
+one line on standard error and an exit status from L{EXIT_CODES}.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import base64
 import getpass
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from OpenSSL.SSL import Error as SSLError
 from twisted.internet import defer, error
-from twisted.internet.task import react
 
 from twisted_lab import __version__
-from twisted_lab.client import FrameClient, MessageClient, ServerError, connect
+from twisted_lab.client import (
+    ClosedByServer,
+    FrameClient,
+    MessageClient,
+    ServerError,
+    ServerSpeaksTLS,
+    connect,
+)
+from twisted_lab.sessions import (
+    Endpoint,
+    Session,
+    SessionChoiceError,
+    SessionStore,
+    chooseSession,
+    normaliseHost,
+)
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORTS = {"echo": 9090, "identity": 9091, "auth": 9092, "chat": 9093}
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_LOST = 4
+EXIT_SESSION = 5
+EXIT_INTERRUPTED = 130
+
+#: The exit statuses scripts can rely on (documented in README and guide).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_REFUSED: "the server refused a request (an error reply)",
+    EXIT_USAGE: "bad arguments or missing input",
+    EXIT_CONNECT: "could not connect (refused, unknown host, timeout, TLS)",
+    EXIT_LOST: "the connection was lost or closed by the server before the end",
+    EXIT_SESSION: "not logged in, or the saved session is no longer valid",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+#: Error codes that mean "log in again".
+SESSION_CODES = frozenset(
+    {"invalid_token", "not_authenticated", "session_revoked", "session_expired"}
+)
 
 
 class Abort(Exception):
@@ -38,9 +75,99 @@ class Abort(Exception):
     A failure to report on one line and exit with C{code}, no traceback.
     """
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = EXIT_REFUSED, **fields: Any) -> None:
         super().__init__(message)
         self.code = code
+        self.fields = fields
+
+
+# -- output -------------------------------------------------------------------
+
+
+class Output:
+    """
+    Where everything the client says goes: for people, results on standard
+    output and events (C{* connected ...}) on standard error; with C{json},
+    both as one JSON object per line on standard output.
+    """
+
+    def __init__(
+        self,
+        json: bool = False,
+        quiet: bool = False,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        self.json = json
+        self.quiet = quiet
+        self._stdout = stdout
+        self._stderr = stderr
+
+    @property
+    def stdout(self) -> TextIO:
+        return self._stdout if self._stdout is not None else sys.stdout
+
+    @property
+    def stderr(self) -> TextIO:
+        return self._stderr if self._stderr is not None else sys.stderr
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """
+        One JSON line (only with C{--json}).
+        """
+        if self.json:
+            self.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stdout.flush()
+
+    def report(self, line: str) -> None:
+        """
+        A connection event for people (standard error, unless quiet).
+        """
+        if not self.quiet and not self.json:
+            print(f"* {line}", file=self.stderr, flush=True)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """
+        A connection event for machines (unless quiet).
+        """
+        if not self.quiet:
+            self.emit(record)
+
+    def result(self, text: str, record: dict[str, Any]) -> None:
+        """
+        A result: C{text} for people, C{record} for machines.
+        """
+        if self.json:
+            self.emit(record)
+        else:
+            print(text, file=self.stdout, flush=True)
+
+    def note(self, text: str) -> None:
+        """
+        A remark for people only, on standard error.
+        """
+        if not self.json:
+            print(text, file=self.stderr, flush=True)
+
+    def failed(self, abort: Abort) -> None:
+        """
+        The one-line error (and its JSON record).
+        """
+        self.emit(
+            {
+                "event": "error",
+                "message": str(abort),
+                "exit": abort.code,
+                **abort.fields,
+            }
+        )
+        print(f"netlab: {abort}", file=self.stderr, flush=True)
+
+    def client(self, kind: type[FrameClient], **kwargs: Any) -> Any:
+        """
+        A client of C{kind} that reports through this output.
+        """
+        return kind(report=self.report, onEvent=self.event, **kwargs)
 
 
 # -- asking for what was not given ------------------------------------------
@@ -61,9 +188,10 @@ def validPort(text: str) -> int:
 
 def validHost(text: str) -> str:
     """
-    C{text} as a host name or address that resolves, or L{ValueError}.
+    C{text} as a host name or address that resolves (C{[::1]} is C{::1}),
+    or L{ValueError}.
     """
-    host = text.strip()
+    host = normaliseHost(text)
     if not host:
         raise ValueError("the host name is empty")
     try:
@@ -78,21 +206,24 @@ def askUntilValid(
     default: str,
     validate: Callable[[str], Any],
     ask: Callable[[str], str] = input,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> Any:
     """
-    Ask C{question} until the answer validates; Enter accepts C{default}.
-    End of input (Ctrl-D) or Ctrl-C stops with L{Abort}.
+    Ask C{question} until the answer validates; Enter accepts C{default}
+    (shown in brackets when there is one).  End of input (Ctrl-D) stops
+    with L{Abort}; Ctrl-C propagates (exit 130).
     """
+    stream = out if out is not None else sys.stderr
+    prompt = f"{question} [{default}]: " if default else f"{question}: "
     while True:
         try:
-            answer = ask(f"{question} [{default}]: ")
-        except (EOFError, KeyboardInterrupt):
-            raise Abort("no answer; giving up", code=2) from None
+            answer = ask(prompt)
+        except EOFError:
+            raise Abort("no answer; giving up", code=EXIT_USAGE) from None
         try:
             return validate(answer if answer.strip() else default)
         except ValueError as e:
-            print(f"  {e}; please try again.", file=out)
+            print(f"  {e}; please try again.", file=stream)
 
 
 def resolveTarget(
@@ -101,7 +232,7 @@ def resolveTarget(
     defaultPort: int,
     interactive: bool,
     ask: Callable[[str], str] = input,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> tuple[str, int]:
     """
     Host and port to use: as given, else asked for (on a terminal), else
@@ -119,7 +250,66 @@ def resolveTarget(
             if interactive
             else defaultPort
         )
-    return host, port
+    return normaliseHost(host), port
+
+
+# -- passwords ----------------------------------------------------------------
+
+
+def passwordProblem(password: str) -> str | None:
+    """
+    Why the server would refuse C{password} as C{weak_password}, or None.
+    """
+    if len(password) < 8:
+        return "a password needs at least 8 characters"
+    if len(password.encode("utf-8", "surrogatepass")) > 1024:
+        return "a password may have at most 1024 bytes"
+    return None
+
+
+def readSecret(
+    prompt: str,
+    fromStdin: bool,
+    interactive: bool,
+    ask: Callable[[str], str] = getpass.getpass,
+) -> str:
+    """
+    A password: one line of standard input (C{--password-stdin}), or asked
+    without echo on a terminal.
+    """
+    if fromStdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise Abort("expected a password on standard input", code=EXIT_USAGE)
+        return line.rstrip("\n")
+    if not interactive:
+        raise Abort(
+            "no terminal to ask for a password: use --password-stdin", code=EXIT_USAGE
+        )
+    try:
+        return ask(prompt)
+    except EOFError:
+        raise Abort("no password given", code=EXIT_USAGE) from None
+
+
+def askNewPassword(
+    ask: Callable[[str], str] = getpass.getpass, out: TextIO | None = None
+) -> str:
+    """
+    A new password, asked twice on the terminal until both agree and it
+    meets the server's rules.
+    """
+    stream = out if out is not None else sys.stderr
+    while True:
+        first = readSecret("New password: ", False, True, ask)
+        problem = passwordProblem(first)
+        if problem is not None:
+            print(f"  {problem}; please try again.", file=stream)
+            continue
+        if readSecret("New password (again): ", False, True, ask) != first:
+            print("  the passwords differ; please try again.", file=stream)
+            continue
+        return first
 
 
 # -- reading standard input without blocking the reactor ---------------------
@@ -152,27 +342,22 @@ def readLine(reactor: Any, prompt: str | None) -> defer.Deferred[bytes | None]:
     return d
 
 
-# -- the reporter -------------------------------------------------------------
+# -- connecting and failing ---------------------------------------------------
 
 
-def reporter(quiet: bool, stream: TextIO = sys.stderr) -> Callable[[str], None]:
+def endpointOf(options: argparse.Namespace) -> Endpoint:
     """
-    Where connection events go: one line each on standard error.
+    The server C{options} name, as sessions are keyed.
     """
-
-    def report(line: str) -> None:
-        if not quiet:
-            print(f"* {line}", file=stream, flush=True)
-
-    return report
+    return Endpoint.of(options.host, options.port, options.tls, options.cafile)
 
 
 async def connectOrAbort(
     reactor: Any, options: argparse.Namespace, client: FrameClient
 ) -> FrameClient:
     """
-    L{connect} to the host and port in C{options}, turning the usual
-    failures into a one-line L{Abort}.
+    L{connect} to the server in C{options}, turning the usual failures into
+    a one-line L{Abort}.
     """
     host, port = options.host, options.port
     try:
@@ -183,11 +368,14 @@ async def connectOrAbort(
             client,
             options.timeout,
             options.bind,
-            tls=getattr(options, "tls", False),
-            cafile=getattr(options, "cafile", None),
+            tls=options.tls,
+            cafile=options.cafile,
         )
-    except (error.ConnectError, OSError) as e:  # OSError: an unreadable --cafile
-        raise cannotConnect(host, port, e) from None
+    except Exception as e:  # noqa: BLE001 - mapped below, or re-raised
+        abort = failureMessage(e, options)
+        if abort is None:
+            raise
+        raise abort from None
 
 
 def cannotConnect(host: str, port: int, e: Exception) -> Abort:
@@ -200,18 +388,103 @@ def cannotConnect(host: str, port: int, e: Exception) -> Abort:
         why = "unknown host"
     elif isinstance(e, error.TimeoutError):
         why = "timed out"
+    elif isinstance(e, error.ConnectBindError):
+        why = f"cannot use that --bind address ({e.osError or e})"
+    elif isinstance(e, error.ConnectError) and e.osError:
+        why = str(e.osError)
     else:
-        why = str(e)
-    return Abort(f"cannot connect to {host}:{port}: {why}")
+        why = str(e).strip().rstrip(".") or type(e).__name__
+    shown = f"[{host}]" if ":" in host else host
+    return Abort(f"cannot connect to {shown}:{port}: {why}", code=EXIT_CONNECT)
 
 
-def writeReply(payload: bytes, out: Any = None) -> None:
+def tlsReason(e: Exception) -> str:
     """
-    Print one reply on standard output, byte for byte, then a newline.
+    A readable reason for an OpenSSL error, instead of its raw tuples.
     """
-    stream = out if out is not None else sys.stdout.buffer
-    stream.write(payload + b"\n")
-    stream.flush()
+    reasons: list[str] = []
+    for arg in e.args:
+        if isinstance(arg, list):
+            for item in arg:
+                if isinstance(item, tuple) and item:
+                    reasons.append(str(item[-1]))
+        elif arg:
+            reasons.append(str(arg))
+    text = "; ".join(r for r in reasons if r) or "handshake failed"
+    hints = {
+        "certificate verify failed": " (the server's certificate is not "
+        "trusted: give its CA with --cafile)",
+        "wrong version number": " (is the server using TLS?)",
+        "packet length too long": " (is the server using TLS?)",
+        "record layer failure": " (is the server using TLS?)",
+    }
+    for needle, hint in hints.items():
+        if needle in text:
+            return text + hint
+    return text
+
+
+def failureMessage(e: BaseException, options: argparse.Namespace) -> Abort | None:
+    """
+    The one-line L{Abort} for the failures every command can meet, or None
+    for a bug (which should show its traceback).
+    """
+    from OpenSSL.SSL import Error as SSLError
+
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - installed with twisted[tls]
+        VerificationError = ()  # type: ignore[assignment,misc]  # noqa: N806
+
+    host, port = getattr(options, "host", "?"), getattr(options, "port", 0)
+    if isinstance(e, Abort):
+        return e
+    if isinstance(e, ServerError):
+        if e.code in SESSION_CODES:
+            return Abort(
+                f"{e.code}: the session is no longer valid: log in again",
+                code=EXIT_SESSION,
+                error=e.code,
+            )
+        if e.code == "rate_limited":
+            return Abort(
+                f"rate limited: try again in {e.reply.get('retry_after', '?')} s",
+                retry_after=e.reply.get("retry_after"),
+                error=e.code,
+            )
+        return Abort(f"{e.code}: {e.message}", error=e.code)
+    if isinstance(e, ServerSpeaksTLS):
+        return Abort(str(e), code=EXIT_CONNECT)
+    if isinstance(e, ClosedByServer):
+        return Abort(
+            f"the server closed the connection: {e.code}: {e.message}",
+            code=EXIT_LOST,
+            error=e.code,
+        )
+    if isinstance(e, VerificationError):
+        return Abort(
+            f"TLS failed: the certificate of {host} is not valid for that name",
+            code=EXIT_CONNECT,
+        )
+    if isinstance(e, SSLError):
+        return Abort(f"TLS failed: {tlsReason(e)}", code=EXIT_CONNECT)
+    if isinstance(e, error.ConnectError):
+        return cannotConnect(host, port, e)
+    if isinstance(e, error.ConnectionDone):
+        return Abort("the server closed the connection", code=EXIT_LOST)
+    if isinstance(e, error.ConnectionLost):
+        reason = _firstLine(str(e))
+        return Abort(f"connection lost: {reason}", code=EXIT_LOST)
+    if isinstance(e, OSError):  # an unreadable --cafile, for instance
+        return Abort(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    if isinstance(e, defer.CancelledError):
+        return Abort("interrupted", code=EXIT_INTERRUPTED)
+    return None
+
+
+def _firstLine(text: str) -> str:
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return text.rstrip(".") or "reset"
 
 
 # -- echo -------------------------------------------------------------------
@@ -219,26 +492,37 @@ def writeReply(payload: bytes, out: Any = None) -> None:
 
 async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
     """
-    The C{netlab echo} command.
+    The C{netlab echo} command: each MESSAGE, or each line of standard
+    input (read to its end, in order), is one frame; each reply is printed.
     """
-    client = FrameClient(reporter(options.quiet))
+    out: Output = options.out
+    client = out.client(FrameClient)
     await connectOrAbort(reactor, options, client)
+
+    def show(reply: bytes) -> None:
+        if out.json:
+            try:
+                out.emit({"event": "reply", "text": reply.decode("utf-8")})
+            except UnicodeDecodeError:
+                out.emit({"event": "reply", "base64": base64.b64encode(reply).decode()})
+        else:
+            sys.stdout.buffer.write(reply + b"\n")
+            sys.stdout.buffer.flush()
+
     try:
         if options.message:
             for message in options.message:
-                payload = message.encode("utf-8", "surrogateescape")
-                writeReply(await client.request(payload))
+                show(await client.request(message.encode("utf-8", "surrogateescape")))
         else:
             prompt = "echo> " if options.interactive else None
             while True:
                 line = await readLine(reactor, prompt)
                 if line is None or (options.interactive and line == b"/quit"):
                     break
-                writeReply(await client.request(line))
+                show(await client.request(line))
     finally:
-        client.transport.loseConnection()
-    await client.close()
-    return 0
+        await client.close()
+    return EXIT_OK
 
 
 # -- identity ---------------------------------------------------------------
@@ -250,136 +534,103 @@ async def runIdentity(reactor: Any, options: argparse.Namespace) -> int:
     as asked; when the server asks for a name, use C{--name} or ask for one
     (again, with the server's reason, while it is refused).
     """
-    client = MessageClient(report=reporter(options.quiet))
+    out: Output = options.out
+    client = out.client(MessageClient)
     await connectOrAbort(reactor, options, client)
     try:
-        greeting = await client.nextMessage()
+        greeting = await _withTimeout(
+            reactor,
+            client.nextMessage(),
+            options.timeout,
+            f"no greeting from {client.label} within {options.timeout:g} s "
+            "(is it a netlab-identity port? a TLS one needs --tls)",
+        )
         known = greeting.get("type") == "welcome"
         if known:
-            print(f"Welcome back, {greeting['name']}! (visit {greeting['visits']})")
+            out.result(
+                f"Welcome back, {greeting['name']}! (visit {greeting['visits']})",
+                {"event": "greeting", "reply": greeting},
+            )
         else:
-            print("The server does not know you yet.")
+            out.result(
+                "The server does not know you yet.",
+                {"event": "greeting", "reply": greeting},
+            )
         if options.forget:
-            await client.call({"type": "forget"})
-            print("The server has forgotten you.")
+            reply = await client.call({"type": "forget"})
+            out.result(
+                "The server has forgotten you.", {"event": "reply", "reply": reply}
+            )
             known = False
         if options.name is not None:
             try:
                 welcome = await client.call({"type": "name", "name": options.name})
             except ServerError as e:
-                raise Abort(f"name refused: {e.message}") from None
-            print(f"Hello, {welcome['name']}! (visit {welcome['visits']})")
+                raise Abort(
+                    f"name refused: {e.message}", code=EXIT_REFUSED, error=e.code
+                ) from None
+            showWelcome(out, welcome)
         elif not known and not options.forget:
-            welcome = await askName(reactor, client, options.interactive)
-            print(f"Hello, {welcome['name']}! (visit {welcome['visits']})")
+            showWelcome(out, await askName(reactor, client, options))
     finally:
-        client.transport.loseConnection()
-    await client.close()
-    return 0
+        await client.close()
+    return EXIT_OK
 
 
-async def askName(reactor: Any, client: MessageClient, interactive: bool) -> dict:
+def showWelcome(out: Output, welcome: dict[str, Any]) -> None:
+    out.result(
+        f"Hello, {welcome['name']}! (visit {welcome['visits']})",
+        {"event": "reply", "reply": welcome},
+    )
+
+
+async def _withTimeout(
+    reactor: Any, d: defer.Deferred[Any], seconds: float, message: str
+) -> Any:
+    """
+    C{d}'s result, or L{Abort} (exit 3) if it takes longer than C{seconds}.
+    """
+    timedOut = []
+
+    def onTimeout(result: Any, timeout: float) -> Any:
+        timedOut.append(True)
+        return result
+
+    d.addTimeout(seconds, reactor, onTimeoutCancel=onTimeout)
+    try:
+        return await d
+    except defer.CancelledError:
+        if timedOut:
+            raise Abort(message, code=EXIT_CONNECT) from None
+        raise
+
+
+async def askName(
+    reactor: Any, client: MessageClient, options: argparse.Namespace
+) -> dict[str, Any]:
     """
     Ask for a name until the server accepts one; its C{welcome}.  Without
     a terminal the name is one line of standard input.
     """
+    interactive = options.interactive
     while True:
         line = await readLine(reactor, "What is your name? " if interactive else None)
         if line is None:
-            raise Abort("the server asked for a name and none was given", code=2)
+            raise Abort(
+                "the server asked for a name and none was given", code=EXIT_USAGE
+            )
         name = line.decode("utf-8", "replace")
         try:
             return await client.call({"type": "name", "name": name})
         except ServerError as e:
             if e.code != "invalid_name" or not interactive:
-                raise Abort(f"name refused: {e.message}") from None
+                raise Abort(
+                    f"name refused: {e.message}", code=EXIT_REFUSED, error=e.code
+                ) from None
             print(f"  {e.message}; please try again.", file=sys.stderr)
 
 
 # -- auth -------------------------------------------------------------------
-
-
-def sessionPath() -> Path:
-    """
-    Where the session token is kept, like a cookie:
-    C{$XDG_CONFIG_HOME/netlab/session.json} (C{~/.config} by default).
-    """
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
-        os.path.expanduser("~"), ".config"
-    )
-    return Path(base) / "netlab" / "session.json"
-
-
-def saveSession(session: dict[str, Any]) -> Path:
-    """
-    Save the session readable by its owner only (mode 0600).
-    """
-    path = sessionPath()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(session, f)
-    os.replace(temporary, path)
-    return path
-
-
-def loadSession() -> dict[str, Any] | None:
-    """
-    The saved session, or None.
-    """
-    try:
-        with sessionPath().open(encoding="utf-8") as f:
-            session = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return session if isinstance(session, dict) and "token" in session else None
-
-
-def forgetSession() -> None:
-    with contextlib.suppress(FileNotFoundError):
-        sessionPath().unlink()
-
-
-def readSecret(prompt: str, fromStdin: bool, interactive: bool) -> str:
-    """
-    A password: one line of standard input (C{--password-stdin}), or asked
-    without echo on a terminal.  Runs before the reactor starts.
-    """
-    if fromStdin:
-        line = sys.stdin.readline()
-        if not line:
-            raise Abort("expected a password on standard input", code=2)
-        return line.rstrip("\n")
-    if not interactive:
-        raise Abort("no terminal to ask for a password: use --password-stdin", code=2)
-    try:
-        return getpass.getpass(prompt)
-    except (EOFError, KeyboardInterrupt):
-        raise Abort("no password given", code=2) from None
-
-
-def prepareAuth(options: argparse.Namespace) -> None:
-    """
-    Collect what C{netlab auth} needs from the person before connecting.
-    """
-    action = options.action
-    interactive = options.interactive
-    if action in ("register", "login") and not options.user:
-        if not interactive:
-            raise Abort("give the username with --user", code=2)
-        options.user = askUntilValid("Username", "", _nonEmpty)
-    if action in ("register", "login"):
-        options.password = readSecret("Password: ", options.password_stdin, interactive)
-        if action == "register" and interactive and not options.password_stdin:
-            again = readSecret("Password (again): ", False, interactive)
-            if again != options.password:
-                raise Abort("the passwords differ", code=2)
-    if action == "passwd":
-        options.old = readSecret(
-            "Current password: ", options.password_stdin, interactive
-        )
-        options.new = readSecret("New password: ", options.password_stdin, interactive)
 
 
 def _nonEmpty(text: str) -> str:
@@ -388,51 +639,165 @@ def _nonEmpty(text: str) -> str:
     return text.strip()
 
 
-def failureMessage(e: Exception, options: argparse.Namespace) -> Abort | None:
+def prepareAuth(options: argparse.Namespace) -> None:
     """
-    The one-line L{Abort} for the failures every command can meet, or None
-    for a bug (which should show its traceback).
+    Collect what C{netlab auth} needs before connecting: the server (from
+    the saved session for whoami, logout and passwd), username and
+    passwords.
     """
-    if isinstance(e, Abort):
-        return e
-    if isinstance(e, ServerError):
-        if e.code == "invalid_token":  # the saved session was refused
-            forgetSession()
-            return Abort("the saved session has expired: log in again")
-        if e.code == "rate_limited":
-            return Abort(
-                f"rate limited: try again in {e.reply.get('retry_after', '?')} s"
+    action = options.action
+    interactive = options.interactive
+    if action in ("whoami", "logout", "passwd"):
+        useSavedSession(options, takeServer=True)
+    else:
+        resolveOptionsTarget(options)
+    if action in ("register", "login") and not options.user:
+        if not interactive:
+            raise Abort("give the username with --user", code=EXIT_USAGE)
+        options.user = askUntilValid("Username", "", _nonEmpty)
+    if action == "login":
+        options.password = readSecret("Password: ", options.password_stdin, interactive)
+    elif action == "register":
+        if options.password_stdin:
+            options.password = readSecret("", True, interactive)
+        else:
+            if not interactive:
+                raise Abort(
+                    "no terminal to ask for a password: use --password-stdin",
+                    code=EXIT_USAGE,
+                )
+            options.password = askNewPassword()
+    elif action == "passwd":
+        options.old = readSecret(
+            "Current password: ", options.password_stdin, interactive
+        )
+        if options.password_stdin:
+            options.new = readSecret("", True, interactive)
+        else:
+            options.new = askNewPassword()
+
+
+def resolveOptionsTarget(options: argparse.Namespace) -> None:
+    """
+    Fill in C{options.host} and C{options.port} (asked on a terminal).
+    """
+    options.host, options.port = resolveTarget(
+        options.host,
+        options.port,
+        DEFAULT_PORTS[options.command],
+        options.interactive,
+    )
+    options.tls = options.tls or options.cafile is not None
+
+
+def useSavedSession(options: argparse.Namespace, takeServer: bool) -> Session | None:
+    """
+    The saved session for the server in C{options}.  With C{takeServer},
+    host and port not given come from the session (the only one, or the
+    one that fits what was given); otherwise the server is resolved first
+    and only its own session is used.  Either way the session's TLS
+    settings are adopted, so its token goes nowhere else and never in
+    clear text if it was issued over TLS.
+    """
+    store = SessionStore()
+    if takeServer:
+        try:
+            session = chooseSession(
+                store.all(), options.host, options.port, options.tls, options.cafile
             )
-        return Abort(f"{e.code}: {e.message}")
-    if isinstance(e, (error.ConnectionDone, error.ConnectionLost)):
-        return Abort(f"connection lost: {e}")
-    if isinstance(e, SSLError):
-        return Abort(f"TLS failed: {e}")
-    if isinstance(e, error.ConnectError):
-        return cannotConnect(options.host, options.port, e)
-    return None
+        except SessionChoiceError as e:
+            raise Abort(
+                str(e), code=EXIT_USAGE if e.ambiguous else EXIT_SESSION
+            ) from None
+    else:
+        resolveOptionsTarget(options)
+        try:
+            session = chooseSession(
+                store.all(), options.host, options.port, options.tls, options.cafile
+            )
+        except SessionChoiceError:
+            options.session = None
+            return None
+    endpoint = session.endpoint
+    if endpoint.tls and endpoint.cafile is not None:
+        current = Endpoint.of(endpoint.host, endpoint.port, True, endpoint.cafile)
+        if current.ca != endpoint.ca:
+            raise Abort(
+                f"the CA file {endpoint.cafile} changed since the login to "
+                f"{endpoint.describe()}: log in again",
+                code=EXIT_SESSION,
+            )
+    options.host, options.port = endpoint.host, endpoint.port
+    options.tls, options.cafile = endpoint.tls, endpoint.cafile
+    options.session = session
+    return session
+
+
+def redact(reply: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{reply} without its token: tokens go to the sessions file only.
+    """
+    return {k: v for k, v in reply.items() if k != "token"}
+
+
+async def callAskingAgain(
+    reactor: Any,
+    client: MessageClient,
+    options: argparse.Namespace,
+    request: dict[str, Any],
+    field: str,
+) -> dict[str, Any]:
+    """
+    C{client.call(request)}; on a terminal, a C{weak_password} reply asks
+    for a new C{field} password again instead of giving up.
+    """
+    while True:
+        try:
+            return await client.call(request)
+        except ServerError as e:
+            if (
+                e.code != "weak_password"
+                or not options.interactive
+                or options.password_stdin
+            ):
+                raise
+            print(f"  {e.message}; please choose another.", file=sys.stderr)
+            request = dict(request)
+            request[field] = await threadsCall(reactor, askNewPassword)
+
+
+def threadsCall(reactor: Any, f: Callable[[], Any]) -> defer.Deferred[Any]:
+    from twisted.internet.threads import deferToThreadPool
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f)
 
 
 async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab auth} command.
     """
-    client = MessageClient(report=reporter(options.quiet))
+    out: Output = options.out
+    client = out.client(MessageClient)
     action = options.action
-    saved = loadSession()
-    if action in ("whoami", "logout", "passwd") and saved is None:
-        raise Abort("not logged in: run 'netlab auth login' first")
+    store = SessionStore()
+    endpoint = endpointOf(options)
     await connectOrAbort(reactor, options, client)
     try:
         if action == "register":
-            reply = await client.call(
+            reply = await callAskingAgain(
+                reactor,
+                client,
+                options,
                 {
                     "type": "register",
                     "username": options.user,
                     "password": options.password,
-                }
+                },
+                "password",
             )
-            print(f"Registered {reply['username']}.")
+            out.result(
+                f"Registered {reply['username']}.", {"event": "reply", "reply": reply}
+            )
         elif action == "login":
             reply = await client.call(
                 {
@@ -441,35 +806,48 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
                     "password": options.password,
                 }
             )
-            path = saveSession(
-                {
-                    "host": options.host,
-                    "port": options.port,
-                    "username": reply["username"],
-                    "token": reply["token"],
-                    "expires_at": reply["expires_at"],
-                }
+            path = store.save(
+                Session(
+                    endpoint, reply["username"], reply["token"], reply["expires_at"]
+                )
             )
-            print(f"Logged in as {reply['username']} (session saved in {path}).")
+            out.result(
+                f"Logged in as {reply['username']} on {endpoint.describe()} "
+                f"(session saved in {path}).",
+                {"event": "reply", "reply": redact(reply), "saved": str(path)},
+            )
         else:
-            assert saved is not None
-            await client.call({"type": "resume", "token": saved["token"]})
+            session: Session = options.session
+            try:
+                await client.call({"type": "resume", "token": session.token})
+            except ServerError as e:
+                if e.code == "invalid_token":
+                    # Only ever sent to the server that issued it: this
+                    # server's refusal is the issuer's.
+                    store.forget(session.endpoint, session.token)
+                raise
             if action == "whoami":
                 reply = await client.call({"type": "whoami"})
-                print(reply["username"])
+                out.result(reply["username"], {"event": "reply", "reply": reply})
             elif action == "logout":
-                await client.call({"type": "logout"})
-                forgetSession()
-                print("Logged out.")
+                reply = await client.call({"type": "logout"})
+                store.forget(session.endpoint, session.token)
+                out.result("Logged out.", {"event": "reply", "reply": reply})
             elif action == "passwd":
-                await client.call(
-                    {"type": "change_password", "old": options.old, "new": options.new}
+                reply = await callAskingAgain(
+                    reactor,
+                    client,
+                    options,
+                    {"type": "change_password", "old": options.old, "new": options.new},
+                    "new",
                 )
-                print("Password changed; your other sessions were logged out.")
+                out.result(
+                    "Password changed; your other sessions were logged out.",
+                    {"event": "reply", "reply": reply},
+                )
     finally:
-        client.transport.loseConnection()
-    await client.close()
-    return 0
+        await client.close()
+    return EXIT_OK
 
 
 # -- chat -------------------------------------------------------------------
@@ -477,18 +855,23 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
 
 def prepareChat(options: argparse.Namespace) -> None:
     """
-    Use the saved session (from C{netlab auth login}); without one, ask
-    for a username and password before connecting.
+    Use the session saved for this chat server (C{netlab auth login
+    --port 9093}); without one, ask for a username and password on a
+    terminal.
     """
-    saved = loadSession()
-    options.token = saved["token"] if saved else None
+    session = useSavedSession(options, takeServer=False)
+    options.token = session.token if session else None
+    if (options.say is not None or options.tail is not None) and not options.room:
+        raise Abort("--say and --tail need --room", code=EXIT_USAGE)
     if options.token is None:
         if not options.interactive:
-            raise Abort("not logged in: run 'netlab auth login' first", code=2)
+            raise Abort(
+                f"not logged in to {endpointOf(options).describe()}: run 'netlab "
+                f"auth login --host {options.host} --port {options.port}' first",
+                code=EXIT_SESSION,
+            )
         options.user = askUntilValid("Username", "", _nonEmpty)
         options.password = readSecret("Password: ", False, True)
-    if (options.say is not None or options.tail is not None) and not options.room:
-        raise Abort("--say and --tail need --room", code=2)
 
 
 async def runChat(reactor: Any, options: argparse.Namespace) -> int:
@@ -497,9 +880,7 @@ async def runChat(reactor: Any, options: argparse.Namespace) -> int:
     """
     from twisted_lab.chatclient import runChatSession
 
-    return await runChatSession(
-        reactor, options, options.token, reporter(options.quiet)
-    )
+    return await runChatSession(reactor, options)
 
 
 # -- argument parsing and main ----------------------------------------------
@@ -509,8 +890,10 @@ def buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netlab",
         description="Client for the netlab services (echo, identity, auth, chat).",
+        epilog="exit status: "
+        + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
     )
-    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--version", action="version", version=f"netlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser, service: str) -> None:
@@ -523,13 +906,24 @@ def buildParser() -> argparse.ArgumentParser:
             help=f"server port (default {DEFAULT_PORTS[service]}, asked on a terminal)",
         )
         sub.add_argument(
-            "--quiet", "-q", action="store_true", help="do not report events on stderr"
+            "--quiet", "-q", action="store_true", help="do not report events"
+        )
+        sub.add_argument(
+            "--json",
+            action="store_true",
+            help="one JSON object per line on stdout for each event and reply",
         )
         sub.add_argument(
             "--timeout", type=float, default=10.0, help="connect timeout in seconds"
         )
         sub.add_argument(
             "--bind", metavar="ADDRESS", help="local address to connect from"
+        )
+        sub.add_argument("--tls", action="store_true", help="connect with TLS")
+        sub.add_argument(
+            "--cafile",
+            metavar="CA.pem",
+            help="trust this CA certificate (PEM) for TLS (implies --tls)",
         )
 
     echo = commands.add_parser(
@@ -541,7 +935,7 @@ def buildParser() -> argparse.ArgumentParser:
     )
     common(echo, "echo")
     echo.add_argument("message", nargs="*", metavar="MESSAGE")
-    echo.set_defaults(run=runEcho)
+    echo.set_defaults(run=runEcho, prepare=resolveOptionsTarget)
 
     identity = commands.add_parser(
         "identity",
@@ -555,14 +949,15 @@ def buildParser() -> argparse.ArgumentParser:
     identity.add_argument(
         "--forget", action="store_true", help="make the server forget you"
     )
-    identity.set_defaults(run=runIdentity)
+    identity.set_defaults(run=runIdentity, prepare=resolveOptionsTarget)
 
     auth = commands.add_parser(
         "auth",
         help="register, log in, log out, who am I, change password",
-        description="Accounts on netlab-auth.  login saves the session token "
-        "in $XDG_CONFIG_HOME/netlab/session.json (mode 0600); whoami, logout, "
-        "passwd and the chat client use it.",
+        description="Accounts on netlab-auth (or netlab-chat).  login saves the "
+        "session token for that server in $XDG_CONFIG_HOME/netlab/sessions.json "
+        "(mode 0600); whoami, logout, passwd and the chat client send it to "
+        "that server only, over TLS if it was issued over TLS.",
     )
     auth.add_argument(
         "action", choices=["register", "login", "logout", "whoami", "passwd"]
@@ -574,15 +969,15 @@ def buildParser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the password from standard input (passwd: old, then new)",
     )
-    auth.add_argument("--tls", action="store_true", help="connect with TLS")
-    auth.add_argument("--cafile", help="trust this CA certificate (PEM) for TLS")
     auth.set_defaults(run=runAuth, prepare=prepareAuth)
 
     chat = commands.add_parser(
         "chat",
         help="chat on netlab-chat (interactive, or --say / --tail for scripts)",
         description="An interactive chat (type /help), using the session "
-        "saved by 'netlab auth login' or asking for username and password.",
+        "saved for this server by 'netlab auth login' or asking for username "
+        "and password.  Piped standard input: each line is said (or run, if "
+        "it is a /command) in order, all of them before the client exits.",
     )
     common(chat, "chat")
     chat.add_argument("--room", "-r", help="the room to join (a-z, 0-9, _ and -)")
@@ -601,39 +996,130 @@ def _portArgument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def wantsTerminalUI(options: argparse.Namespace) -> bool:
+    """
+    Whether this run is the interactive chat on a terminal (prompt_toolkit
+    on the asyncio reactor).
+    """
+    return (
+        options.command == "chat"
+        and options.say is None
+        and options.tail is None
+        and not options.json
+        and sys.stdin.isatty()
+        and sys.stdout.isatty()
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     Entry point of the C{netlab} command.
     """
     options = buildParser().parse_args(argv)
-    interactive = sys.stdin.isatty()
+    options.out = Output(options.json, options.quiet)
+    options.interactive = sys.stdin.isatty()
+    if options.command == "echo" and options.message:
+        options.interactive = False
+    options.tls = options.tls or options.cafile is not None
+    if options.host is not None:
+        options.host = normaliseHost(options.host)
+    options.session = None
+    saved = _saveTerminal()
     try:
-        options.host, options.port = resolveTarget(
-            options.host, options.port, DEFAULT_PORTS[options.command], interactive
-        )
-    except Abort as e:
-        print(f"netlab: {e}", file=sys.stderr)
-        raise SystemExit(e.code) from None
-    options.interactive = interactive and not getattr(options, "message", None)
-    if options.command != "echo":
-        options.interactive = interactive
+        code = _main(options)
+    finally:
+        _restoreTerminal(saved)
+    raise SystemExit(code)
+
+
+def _main(options: argparse.Namespace) -> int:
+    out: Output = options.out
     try:
-        if getattr(options, "prepare", None) is not None:
-            options.prepare(options)
+        options.prepare(options)
     except Abort as e:
-        print(f"netlab: {e}", file=sys.stderr)
-        raise SystemExit(e.code) from None
+        out.failed(e)
+        return e.code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    options.terminalUI = wantsTerminalUI(options)
+    if options.terminalUI:
+        import asyncio
+
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install(asyncio.new_event_loop())
+    from twisted.internet.task import react
+
+    codes: list[int] = []
 
     async def run(reactor: Any) -> None:
-        try:
-            code = await options.run(reactor, options)
-        except Exception as e:  # noqa: BLE001 - mapped below, or re-raised
-            abort = failureMessage(e, options)
-            if abort is None:
-                raise
-            print(f"netlab: {abort}", file=sys.stderr)
-            code = abort.code
-        if code:
-            raise SystemExit(code)
+        codes.append(await runCommand(reactor, options))
 
-    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    try:
+        react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if not codes:
+            return e.code if isinstance(e.code, int) else EXIT_REFUSED
+    return codes[0] if codes else EXIT_REFUSED
+
+
+async def runCommand(reactor: Any, options: argparse.Namespace) -> int:
+    """
+    Run the command; Ctrl-C cancels it (exit 130, quietly), expected
+    failures become one line and their exit status.
+    """
+    out: Output = options.out
+    work = defer.ensureDeferred(options.run(reactor, options))
+    interrupted: list[bool] = []
+
+    def onSigint(signum: int, frame: Any) -> None:
+        if not interrupted:
+            interrupted.append(True)
+            reactor.callFromThread(work.cancel)
+
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, onSigint)
+    try:
+        return await work
+    except Exception as e:  # noqa: BLE001 - mapped below, or re-raised
+        if interrupted:
+            return EXIT_INTERRUPTED
+        abort = failureMessage(e, options)
+        if abort is None:
+            raise
+        out.failed(abort)
+        return abort.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _saveTerminal() -> Any:
+    """
+    The terminal's settings, to restore at exit whatever a prompt left.
+    """
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import termios
+
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError):
+        return None
+
+
+def _restoreTerminal(saved: Any) -> None:
+    if saved is None:
+        return
+    import termios
+
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    except OSError:
+        pass
+
+
+def environmentWantsColour(stream: TextIO) -> bool:
+    """
+    Colours only on a terminal, and never with C{NO_COLOR} set.
+    """
+    return stream.isatty() and not os.environ.get("NO_COLOR")

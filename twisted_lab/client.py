@@ -12,17 +12,20 @@ callable, which the command-line client prints on standard error.
 from __future__ import annotations
 
 import json
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
@@ -30,6 +33,23 @@ from twisted_lab.framing import FrameReceiver
 from twisted_lab.messages import encodeMessage
 
 Report = Callable[[str], None]
+#: Receives each connection event as a dict with an C{event} field
+#: (C{connected}, C{sent}, C{received}, C{disconnected}), for C{--json}.
+EventSink = Callable[[dict[str, Any]], None]
+
+#: Error codes a server sends, unprompted, just before it closes.
+CLOSING_CODES = frozenset(
+    {
+        "idle_timeout",
+        "server_shutdown",
+        "frame_too_long",
+        "frame_timeout",
+        "too_many_connections",
+        "slow_consumer",
+        "session_revoked",
+        "session_expired",
+    }
+)
 
 #: The client accepts frames this large by default: it only receives what it
 #: asked for, so the limit guards against a broken server, not a hostile one.
@@ -42,6 +62,32 @@ def _silent(line: str) -> None:
     """
 
 
+def _looksLikeTLS(data: bytes) -> bool:
+    """
+    Whether C{data}, the first bytes from a server, are a TLS record (an
+    alert or a handshake): what a TLS port answers a plain client with.
+    """
+    return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03
+
+
+class ServerSpeaksTLS(ConnectionLost):
+    """
+    The server answered with TLS records: it is a TLS port and the client
+    connected without C{--tls}.
+    """
+
+
+class ClosedByServer(ConnectionLost):
+    """
+    The server closed the connection after saying why in an C{error}.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 class FrameClient(FrameReceiver):
     """
     Client side of an Int32-framed connection, with Deferreds.
@@ -49,9 +95,18 @@ class FrameClient(FrameReceiver):
 
     MAX_LENGTH = CLIENT_MAX_LENGTH
 
-    def __init__(self, report: Report = _silent, label: str = "") -> None:
+    def __init__(
+        self,
+        report: Report = _silent,
+        label: str = "",
+        onEvent: EventSink | None = None,
+    ) -> None:
         self.report = report
+        self.onEvent = onEvent
         self.label = label
+        self._heardFrom = False
+        self._closeRequested = False
+        self._tlsSeen = False
         # What arrived before anyone asked, and who is waiting: frames here,
         # decoded messages in MessageClient.
         self._inbox: deque[Any] = deque()
@@ -65,19 +120,36 @@ class FrameClient(FrameReceiver):
         if not self.label:
             peer = self.transport.getPeer()
             self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.report(f"connected to {self.label}")
+        self._clientEvent(f"connected to {self.label}", "connected", server=self.label)
+
+    def _clientEvent(self, text: str, event: str, **fields: Any) -> None:
+        """
+        Report C{text} for people and C{event} with C{fields} for machines.
+        """
+        self.report(text)
+        if self.onEvent is not None:
+            self.onEvent({"event": event, **fields})
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._heardFrom and data:
+            self._heardFrom = True
+            if _looksLikeTLS(data):
+                self._tlsSeen = True
+                self.transport.abortConnection()
+                return
+        super().dataReceived(data)
 
     def stringReceived(self, frame: bytes) -> None:
-        self.report(f"received {len(frame)} bytes")
-        self._deliver(frame)
+        self._clientEvent(f"received {len(frame)} bytes", "received", bytes=len(frame))
+        self._enqueue(frame)
 
-    def _deliver(self, item: Any) -> None:
+    def _enqueue(self, item: Any) -> None:
         if self._waiting:
             self._waiting.popleft().callback(item)
         else:
             self._inbox.append(item)
 
-    def _next(self) -> defer.Deferred[Any]:
+    def _dequeue(self) -> defer.Deferred[Any]:
         if self._inbox:
             return defer.succeed(self._inbox.popleft())
         if self._lostReason is not None:
@@ -87,7 +159,11 @@ class FrameClient(FrameReceiver):
         return d
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.report(f"server announced a {length}-byte frame; giving up")
+        self._clientEvent(
+            f"server announced a {length}-byte frame; giving up",
+            "frame_too_long",
+            bytes=length,
+        )
         self.transport.abortConnection()
 
     def send(self, payload: bytes) -> None:
@@ -95,14 +171,14 @@ class FrameClient(FrameReceiver):
         Send one frame.
         """
         self.sendString(payload)
-        self.report(f"sent {len(payload)} bytes")
+        self._clientEvent(f"sent {len(payload)} bytes", "sent", bytes=len(payload))
 
     def receive(self) -> defer.Deferred[bytes]:
         """
         The next frame from the server; fails with the disconnection reason
         if the connection is (or becomes) closed first.
         """
-        return self._next()
+        return self._dequeue()
 
     def request(self, payload: bytes) -> defer.Deferred[bytes]:
         """
@@ -122,15 +198,33 @@ class FrameClient(FrameReceiver):
         """
         Close the connection; fires when it is closed.
         """
-        self.transport.loseConnection()
+        self._closeRequested = True
+        if self._lostReason is None:
+            self.transport.loseConnection()
         return self.disconnected
 
+    def closeReason(self, reason: Failure) -> Failure:
+        """
+        Why the connection ended, as the failure waiting calls get: the
+        server's TLS or its closing C{error} when it gave one.
+        """
+        if self._tlsSeen:
+            return Failure(
+                ServerSpeaksTLS(
+                    f"{self.label} speaks TLS: connect with --tls (and --cafile)"
+                )
+            )
+        return reason
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        reason = self.closeReason(reason)
         self._lostReason = reason
-        if reason.check(ConnectionDone):
-            self.report("disconnected")
+        if self._closeRequested or reason.check(ConnectionDone):
+            # A close we asked for is a clean one, whatever TLS said.
+            self._clientEvent("disconnected", "disconnected")
         else:
-            self.report(f"disconnected: {reason.getErrorMessage()}")
+            why = reason.getErrorMessage()
+            self._clientEvent(f"disconnected: {why}", "disconnected", reason=why)
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             d.errback(reason)
@@ -153,14 +247,13 @@ async def connect(
     certificate must be valid for C{host} and signed by C{cafile}'s
     certificate (or, without one, by the system's trusted authorities).
     """
-    client.label = f"{host}:{port}"
-    endpoint: Any = HostnameEndpoint(
-        reactor,
-        host,
-        port,
-        timeout=timeout,
-        bindAddress=(bindAddress, 0) if bindAddress else None,
-    )
+    shown = f"[{host}]" if ":" in host else host
+    client.label = f"{shown}:{port}"
+    endpoint: Any
+    if bindAddress:
+        endpoint = await _boundEndpoint(reactor, host, port, timeout, bindAddress)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls or cafile:
         from twisted.internet import ssl
 
@@ -174,6 +267,40 @@ async def connect(
         )
     await connectProtocol(endpoint, client)
     return client
+
+
+class BindError(ConnectError):
+    """
+    The local address of C{--bind} cannot reach the server.
+    """
+
+
+async def _boundEndpoint(
+    reactor: Any, host: str, port: int, timeout: float, bindAddress: str
+) -> Any:
+    """
+    An endpoint from C{bindAddress} to the first address of C{host} of the
+    same family (an IPv6 source cannot reach an IPv4 server).
+    """
+    family = socket.AF_INET6 if ":" in bindAddress else socket.AF_INET
+    version = "IPv6" if family == socket.AF_INET6 else "IPv4"
+    try:
+        infos = await threads.deferToThreadPool(
+            reactor,
+            reactor.getThreadPool(),
+            socket.getaddrinfo,
+            host,
+            port,
+            family,
+            socket.SOCK_STREAM,
+        )
+    except (OSError, UnicodeError):
+        raise BindError(
+            string=f"{host} has no {version} address to reach from {bindAddress}"
+        ) from None
+    address = str(infos[0][4][0])
+    kind = TCP6ClientEndpoint if family == socket.AF_INET6 else TCP4ClientEndpoint
+    return kind(reactor, address, port, timeout=timeout, bindAddress=(bindAddress, 0))
 
 
 class ServerError(Exception):
@@ -201,14 +328,17 @@ class MessageClient(FrameClient):
         self,
         onMessage: Callable[[dict[str, Any]], None] | None = None,
         report: Report = _silent,
+        onEvent: EventSink | None = None,
     ) -> None:
-        super().__init__(report)
-        self.onMessage = onMessage or self._deliver
+        super().__init__(report, onEvent=onEvent)
+        self.onMessage = onMessage or self._enqueue
+        #: The last error the server sent unprompted with a closing code.
+        self.closingError: dict[str, Any] | None = None
         self._calls: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._nextId = 1
 
     def stringReceived(self, frame: bytes) -> None:
-        self.report(f"received {len(frame)} bytes")
+        self._clientEvent(f"received {len(frame)} bytes", "received", bytes=len(frame))
         try:
             message = json.loads(frame)
         except ValueError:
@@ -217,7 +347,10 @@ class MessageClient(FrameClient):
         if not isinstance(message, dict):
             self.report("the server sent JSON that is not an object")
             return
-        waiting = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if message.get("type") == "error" and message.get("code") in CLOSING_CODES:
+            self.closingError = message
+        requestId = message.get("id")
+        waiting = self._calls.pop(requestId, None) if type(requestId) is int else None
         if waiting is not None:
             message.pop("id")
             waiting.callback(message)
@@ -229,7 +362,7 @@ class MessageClient(FrameClient):
         The next message the server sent unprompted (when there is no
         C{onMessage}).
         """
-        return self._next()
+        return self._dequeue()
 
     def call(
         self, message: dict[str, Any], check: bool = True
@@ -252,7 +385,19 @@ class MessageClient(FrameClient):
         return d.addCallback(checked)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        reason = self.closeReason(reason)
         calls, self._calls = self._calls, {}
         for d in calls.values():
             d.errback(reason)
         super().connectionLost(reason)
+
+    def closeReason(self, reason: Failure) -> Failure:
+        reason = super().closeReason(reason)
+        closing = self.closingError
+        if closing is not None and not reason.check(ClosedByServer):
+            return Failure(
+                ClosedByServer(
+                    str(closing.get("code")), str(closing.get("message", ""))
+                )
+            )
+        return reason
