@@ -78,3 +78,68 @@ class FramedSocketTests(SynchronousTestCase):
             framed.recv_message()
         self.assertIn("11-byte", str(raised.exception))
         self.assertIsInstance(raised.exception, ValueError)
+
+
+class FramedTLSSocketTests(SynchronousTestCase):
+    """
+    C{connect_to(tls=True)} against a TLS echo of one frame on loopback.
+    """
+
+    def setUp(self) -> None:
+        import ssl
+        import threading
+        from pathlib import Path
+
+        from tests.test_e2e_auth import selfSignedCertificate
+
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        key, self.cert = selfSignedCertificate(directory)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        self.port = listener.getsockname()[1]
+        self.addCleanup(listener.close)
+
+        def serve() -> None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    header = tls.recv(4)
+                    tls.sendall(header + tls.recv(int.from_bytes(header, "big")))
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        self.addCleanup(self.thread.join, 10)
+
+    def test_verifiedRoundTrip(self) -> None:
+        from twisted_lab.wire import FramedTLSSocket
+
+        with FramedSocket.connect_to(
+            "localhost", self.port, tls=True, cafile=str(self.cert)
+        ) as s:
+            self.assertIsInstance(s, FramedTLSSocket)
+            s.send_message("over tls")
+            self.assertEqual(s.recv_message(), b"over tls")
+
+    def test_untrustedCertificateIsRefused(self) -> None:
+        import ssl
+
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            FramedSocket.connect_to("localhost", self.port, tls=True)
+
+    def test_wrongHostNameIsRefused(self) -> None:
+        import ssl
+
+        # The certificate names localhost and 127.0.0.1, not 127.1.
+        with self.assertRaises(ssl.SSLCertVerificationError) as raised:
+            FramedSocket.connect_to("127.1", self.port, cafile=str(self.cert))
+        self.assertIn("127.1", str(raised.exception))

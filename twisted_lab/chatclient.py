@@ -525,7 +525,7 @@ class ChatSession:
         """
         Lines typed and not yet carried out.
         """
-        return len(self._queue) + (1 if self._working else 0)
+        return len(self._queue)
 
     def _pump(self) -> None:
         if self._working or self.closing:

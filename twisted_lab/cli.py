@@ -26,11 +26,14 @@ from twisted.internet import defer, error
 
 from twisted_lab import __version__
 from twisted_lab.client import (
+    BindError,
     ClosedByServer,
+    ClosedWithoutAnswer,
     FrameClient,
     MessageClient,
     ServerError,
     ServerSpeaksTLS,
+    TLSHandshakeLost,
     connect,
 )
 from twisted_lab.sessions import (
@@ -388,14 +391,25 @@ def cannotConnect(host: str, port: int, e: Exception) -> Abort:
         why = "unknown host"
     elif isinstance(e, error.TimeoutError):
         why = "timed out"
+    elif isinstance(e, BindError):
+        why = str(e.args[0]) if e.args else "cannot use that --bind address"
     elif isinstance(e, error.ConnectBindError):
-        why = f"cannot use that --bind address ({e.osError or e})"
+        why = f"cannot use that --bind address ({_osError(e.osError)})"
     elif isinstance(e, error.ConnectError) and e.osError:
-        why = str(e.osError)
+        why = _osError(e.osError)
     else:
         why = str(e).strip().rstrip(".") or type(e).__name__
     shown = f"[{host}]" if ":" in host else host
     return Abort(f"cannot connect to {shown}:{port}: {why}", code=EXIT_CONNECT)
+
+
+def _osError(value: Any) -> str:
+    """
+    An errno as its text (C{99} is "Cannot assign requested address").
+    """
+    if isinstance(value, int):
+        return os.strerror(value)
+    return str(value)
 
 
 def tlsReason(e: Exception) -> str:
@@ -455,6 +469,8 @@ def failureMessage(e: BaseException, options: argparse.Namespace) -> Abort | Non
         return Abort(f"{e.code}: {e.message}", error=e.code)
     if isinstance(e, ServerSpeaksTLS):
         return Abort(str(e), code=EXIT_CONNECT)
+    if isinstance(e, TLSHandshakeLost):
+        return Abort(f"TLS failed: {e}", code=EXIT_CONNECT)
     if isinstance(e, ClosedByServer):
         return Abort(
             f"the server closed the connection: {e.code}: {e.message}",
@@ -470,6 +486,8 @@ def failureMessage(e: BaseException, options: argparse.Namespace) -> Abort | Non
         return Abort(f"TLS failed: {tlsReason(e)}", code=EXIT_CONNECT)
     if isinstance(e, error.ConnectError):
         return cannotConnect(host, port, e)
+    if isinstance(e, ClosedWithoutAnswer):
+        return Abort(str(e), code=EXIT_LOST)
     if isinstance(e, error.ConnectionDone):
         return Abort("the server closed the connection", code=EXIT_LOST)
     if isinstance(e, error.ConnectionLost):

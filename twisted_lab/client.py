@@ -70,14 +70,40 @@ def _looksLikeTLS(data: bytes) -> bool:
     return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03
 
 
-class ServerSpeaksTLS(ConnectionLost):
+class _OwnMessage:
+    """
+    Shown as the message it was made with, without Twisted's preamble
+    ("Connection was closed cleanly: ...").
+    """
+
+    args: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class ServerSpeaksTLS(_OwnMessage, ConnectionLost):
     """
     The server answered with TLS records: it is a TLS port and the client
     connected without C{--tls}.
     """
 
 
-class ClosedByServer(ConnectionLost):
+class TLSHandshakeLost(_OwnMessage, ConnectionLost):
+    """
+    A TLS connection closed before the server said anything: most likely
+    the port does not speak TLS.
+    """
+
+
+class ClosedWithoutAnswer(_OwnMessage, ConnectionDone):
+    """
+    A plain connection closed cleanly before the server sent a byte,
+    though the client had sent something: a TLS port does that.
+    """
+
+
+class ClosedByServer(_OwnMessage, ConnectionLost):
     """
     The server closed the connection after saying why in an C{error}.
     """
@@ -107,6 +133,9 @@ class FrameClient(FrameReceiver):
         self._heardFrom = False
         self._closeRequested = False
         self._tlsSeen = False
+        self._sentSomething = False
+        #: Whether this client connected with TLS (set by L{connect}).
+        self.tls = False
         # What arrived before anyone asked, and who is waiting: frames here,
         # decoded messages in MessageClient.
         self._inbox: deque[Any] = deque()
@@ -171,6 +200,7 @@ class FrameClient(FrameReceiver):
         Send one frame.
         """
         self.sendString(payload)
+        self._sentSomething = True
         self._clientEvent(f"sent {len(payload)} bytes", "sent", bytes=len(payload))
 
     def receive(self) -> defer.Deferred[bytes]:
@@ -212,6 +242,32 @@ class FrameClient(FrameReceiver):
             return Failure(
                 ServerSpeaksTLS(
                     f"{self.label} speaks TLS: connect with --tls (and --cafile)"
+                )
+            )
+        if (
+            self.tls
+            and not self._heardFrom
+            and not self._closeRequested
+            and reason.check(ConnectionLost)
+            and not reason.check(ConnectionDone)
+        ):
+            return Failure(
+                TLSHandshakeLost(
+                    f"{self.label} closed the connection during the TLS handshake "
+                    "(is it a TLS port?)"
+                )
+            )
+        if (
+            not self.tls
+            and not self._heardFrom
+            and not self._closeRequested
+            and self._sentSomething
+            and reason.check(ConnectionDone)
+        ):
+            return Failure(
+                ClosedWithoutAnswer(
+                    f"{self.label} closed the connection without answering "
+                    "(a TLS port? try --tls)"
                 )
             )
         return reason
@@ -262,6 +318,7 @@ async def connect(
                 trustRoot: Any = ssl.Certificate.loadPEM(f.read())
         else:
             trustRoot = ssl.platformTrust()
+        client.tls = True
         endpoint = wrapClientTLS(
             ssl.optionsForClientTLS(host, trustRoot=trustRoot), endpoint
         )

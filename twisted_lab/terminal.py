@@ -132,20 +132,27 @@ async def runTerminal(session: ChatSession, view: TerminalView) -> int:
         return None
 
     session.done.addBoth(ended)
+
+    async def ask() -> str | None:
+        # KeyboardInterrupt must be caught in this coroutine: escaping an
+        # asyncio task, it would stop the event loop (and the reactor).
+        try:
+            return await prompt.prompt_async(lambda: promptText(session))
+        except KeyboardInterrupt:
+            return None
+
     with patch_stdout(raw=True):
         while not outcome:
-            future = asyncio.ensure_future(
-                prompt.prompt_async(lambda: promptText(session))
-            )
+            future = asyncio.ensure_future(ask())
             try:
                 line = await defer.Deferred.fromFuture(future)
-            except KeyboardInterrupt:
-                session.closing = True
-                return EXIT_INTERRUPTED
             except EOFError:
                 if not outcome:
                     session.finish()
                 break
+            if line is None:
+                session.closing = True
+                return EXIT_INTERRUPTED
             session.typed(line)
     while not outcome:  # pragma: no cover - finish() fires done at once
         await defer.succeed(None)
