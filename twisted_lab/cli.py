@@ -477,6 +477,8 @@ def failureMessage(e: BaseException, options: argparse.Namespace) -> Abort | Non
             code=EXIT_LOST,
             error=e.code,
         )
+    if isinstance(e, error.DNSLookupError):
+        return cannotConnect(host, port, e)
     if isinstance(e, VerificationError):
         return Abort(
             f"TLS failed: the certificate of {host} is not valid for that name",

@@ -114,12 +114,22 @@ class ClosedByServer(_OwnMessage, ConnectionLost):
         self.message = message
 
 
+def _cancelTimer(result: Any, timer: Any) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
 class FrameClient(FrameReceiver):
     """
     Client side of an Int32-framed connection, with Deferreds.
     """
 
     MAX_LENGTH = CLIENT_MAX_LENGTH
+    #: Seconds L{close} waits for a clean close before aborting.
+    closeTimeout = 3.0
+    #: The reactor (an IReactorTime), set by L{connect}; None: no deadline.
+    clock: Any = None
 
     def __init__(
         self,
@@ -231,6 +241,13 @@ class FrameClient(FrameReceiver):
         self._closeRequested = True
         if self._lostReason is None:
             self.transport.loseConnection()
+            if self.clock is not None:
+                # A TLS close waits for the peer's close_notify; a peer that
+                # never sends it must not keep the client alive.
+                timer = self.clock.callLater(
+                    self.closeTimeout, self.transport.abortConnection
+                )
+                self.disconnected.addBoth(_cancelTimer, timer)
         return self.disconnected
 
     def closeReason(self, reason: Failure) -> Failure:
@@ -305,6 +322,7 @@ async def connect(
     """
     shown = f"[{host}]" if ":" in host else host
     client.label = f"{shown}:{port}"
+    client.clock = reactor
     endpoint: Any
     if bindAddress:
         endpoint = await _boundEndpoint(reactor, host, port, timeout, bindAddress)
