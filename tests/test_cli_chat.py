@@ -453,3 +453,61 @@ class ShowingTests(SynchronousTestCase):
         os.environ["NO_COLOR"] = "1"
         self.addCleanup(os.environ.pop, "NO_COLOR", None)
         self.assertFalse(wantColour(Terminal()))
+
+
+class LivenessTests(SynchronousTestCase):
+    def test_keepalivePingsAndADeadConnectionIsNoticed(self) -> None:
+        h = Harness()
+        defer.ensureDeferred(h.session.start())
+        h.handshake()
+        h.clock.advance(h.session.keepaliveInterval)
+        [ping] = h.sent()
+        self.assertEqual(ping["type"], "ping")
+        h.send({"type": "pong", "id": ping["id"]})
+        h.clock.advance(h.session.keepaliveInterval)
+        [ping] = h.sent()
+        first = h.client
+        h.clock.advance(h.session.keepaliveTimeout)  # no pong: dead
+        self.assertTrue(first.transport.disconnecting or first.lostReason)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("no answer to a ping in 20 s", h.asides.getvalue())
+        h.clock.advance(1)
+        self.assertIsNot(h.client, first, "reconnected")
+
+    def test_sessionRevokedWhileConnectedEndsTheSession(self) -> None:
+        h = Harness()
+        defer.ensureDeferred(h.session.start())
+        h.handshake()
+        h.send({"type": "error", "code": "session_revoked", "message": "logged out"})
+        failure = self.failureResultOf(h.session.done)
+        self.assertEqual(failure.value.code, 5)
+
+    def test_rateLimitedWhileReconnectingWaitsAndTriesAgain(self) -> None:
+        h = Harness()
+        defer.ensureDeferred(h.session.start())
+        h.handshake()
+        h.client.connectionLost(Failure(ConnectionDone()))
+        h.clock.advance(1)
+        [resume] = h.sent()
+        h.send(
+            {
+                "type": "error",
+                "code": "rate_limited",
+                "message": "wait",
+                "retry_after": 3,
+                "id": resume["id"],
+            }
+        )
+        self.assertNoResult(h.session.done)
+        connections = len(h.connections)
+        h.clock.advance(2.9)
+        self.assertEqual(len(h.connections), connections)
+        h.clock.advance(0.1)
+        self.assertEqual(len(h.connections), connections + 1)
+        h.handshake()
+        [history] = h.sent()  # the catch-up after the last seq seen
+        self.assertNoResult(h.session.done)
+        self.assertFalse(h.session.isLive)
+        h.send({"type": "history", "room": "dev", "messages": [], "id": history["id"]})
+        self.assertTrue(h.session.isLive)
+        self.assertEqual(h.asides.getvalue().count("connection lost"), 1)

@@ -77,6 +77,9 @@ ANSI = {
 
 Segments = list[tuple[str, str]]
 
+#: Error codes after which the session cannot go on: log in again.
+SESSION_END_CODES = frozenset({"invalid_token", "session_revoked", "session_expired"})
+
 
 # -- showing what comes from the network ------------------------------------
 
@@ -265,6 +268,10 @@ class ChatSession:
 
     maxBackoff = 30.0
     historyPage = 500
+    #: Seconds between keepalive pings while connected (0: none), and how
+    #: long a ping may go unanswered before the connection counts as dead.
+    keepaliveInterval = 60.0
+    keepaliveTimeout = 20.0
 
     def __init__(
         self,
@@ -306,6 +313,10 @@ class ChatSession:
         self._inputEnded = False
         self._inFlight: tuple[str, str, str, defer.Deferred[None]] | None = None
         self._sayCount = 0
+        self._reconnecting = False
+        self._keepalive: Any = None
+        self._abandoned: set[MessageClient] = set()
+        self._unanswered: set[MessageClient] = set()
         #: Called when what a prompt shows may have changed.
         self.onChange: Callable[[], None] = lambda: None
 
@@ -364,6 +375,7 @@ class ChatSession:
             self.current = self.rooms[0]
         self._settleInFlight()
         self._live = True
+        self._scheduleKeepalive()
         self.onChange()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -427,18 +439,35 @@ class ChatSession:
         elif kind == "error" and self._sayFailed(message):
             return
         self.show(message)
+        if kind == "error" and message.get("code") in SESSION_END_CODES:
+            # Revoked or expired while connected: no line can be said now.
+            self.end(
+                SessionEnded(
+                    f"{sanitize(message.get('code'))}: the session is no longer "
+                    "valid: log in again",
+                    5,
+                )
+            )
 
     def lost(self, client: MessageClient) -> None:
+        if client in self._abandoned:
+            self._abandoned.discard(client)
+            return
         if self.client is client:
             self.client = None
             self._live = False
+        elif self.client is not None:
+            return  # an older connection; a newer one is in use
         self.onChange()
         # A line in flight is settled after the catch-up: it may be stored.
         if self.closing:
             return
         reason = client.lostReason
         why = "closed by the server"
-        if client.closingError is not None:
+        if client in self._unanswered:
+            self._unanswered.discard(client)
+            why = f"no answer to a ping in {self.keepaliveTimeout:g} s"
+        elif client.closingError is not None:
             why = (
                 f"{sanitize(client.closingError.get('code'))}: "
                 f"{sanitize(client.closingError.get('message'))}"
@@ -446,15 +475,28 @@ class ChatSession:
         elif reason is not None and not reason.check(error.ConnectionDone):
             why = sanitize(reason.getErrorMessage())
         self.view.problem(f"connection lost ({why})", reason=why)
-        if client.closingError is not None and client.closingError.get("code") in (
-            "session_revoked",
-            "session_expired",
+        if (
+            client.closingError is not None
+            and client.closingError.get("code") in SESSION_END_CODES
         ):
             self.end(SessionEnded("the session is no longer valid: log in again", 5))
             return
         defer.ensureDeferred(self.reconnect())
 
     async def reconnect(self) -> None:
+        """
+        Connect again with back-off until it works (or, with
+        C{maxAttempts}, until that many attempts failed).
+        """
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+        try:
+            await self._reconnect()
+        finally:
+            self._reconnecting = False
+
+    async def _reconnect(self) -> None:
         delay = 1.0
         attempts = 0
         while not self.closing:
@@ -466,14 +508,19 @@ class ChatSession:
             try:
                 await self.connect()
             except ServerError as e:
+                self._dropPartial()
+                if e.code == "rate_limited":
+                    delay = _seconds(e.reply.get("retry_after"))
+                    continue
                 self.end(
                     SessionEnded(
                         f"cannot resume the session: {e.code}: {e.message}",
-                        5 if e.code in ("invalid_token", "session_expired") else 1,
+                        5 if e.code in SESSION_END_CODES else 1,
                     )
                 )
                 return
             except (error.ConnectError, error.ConnectionDone, error.ConnectionLost):
+                self._dropPartial()
                 if self.maxAttempts is not None and attempts >= self.maxAttempts:
                     self.end(SessionEnded("the server is gone; giving up", 4))
                     return
@@ -482,11 +529,55 @@ class ChatSession:
             self.view.info("reconnected")
             return
 
+    def _dropPartial(self) -> None:
+        """
+        Close a connection that was made but did not get as far as live.
+        """
+        if self.client is not None and not self._live:
+            client, self.client = self.client, None
+            self._abandoned.add(client)
+            client.close()
+
+    # -- keepalive ------------------------------------------------------------
+
+    def _scheduleKeepalive(self) -> None:
+        if self.keepaliveInterval <= 0 or self.closing:
+            return
+        if self._keepalive is not None and self._keepalive.active():
+            return
+        self._keepalive = self.reactor.callLater(self.keepaliveInterval, self._ping)
+
+    def _ping(self) -> None:
+        """
+        Ask the server for a C{pong}: keeps an idle session from the
+        server's idle timeout, and notices a connection that died silently.
+        """
+        self._keepalive = None
+        client = self.client
+        if client is None or not self._live or self.closing:
+            self._scheduleKeepalive()
+            return
+
+        def noAnswer() -> None:
+            self._unanswered.add(client)
+            client.transport.abortConnection()
+
+        timer = self.reactor.callLater(self.keepaliveTimeout, noAnswer)
+
+        def answered(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            self._scheduleKeepalive()
+
+        client.call({"type": "ping"}, check=False).addBoth(answered)
+
     def end(self, failure: Exception | int) -> None:
         """
         The session is over: with an exit status, or a L{SessionEnded}.
         """
         self.closing = True
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
         if self.client is not None:
             self.client.close()
         waiters, self._waiters = self._waiters, []
@@ -869,6 +960,12 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
             stdio.StandardIO(StdinLines(session), reactor=reactor)
         return await session.done
     except SessionEnded as e:
+        if e.code == 5 and session.token is not None:
+            # Refused by the server that issued it: that session is over.
+            from twisted_lab.cli import endpointOf
+            from twisted_lab.sessions import SessionStore
+
+            SessionStore().forget(endpointOf(options), session.token)
         out.failed(_abort(str(e), e.code))
         return e.code
     except ClosedByServer:
