@@ -241,6 +241,37 @@ class ClientEndToEndTests(TestCase):
         yield defer.ensureDeferred(authServer.stop())
         self.assertNotIn(token.decode(), authServer.log())
 
+    @defer.inlineCallbacks
+    def test_revokedSessionIsForgottenByItsOwnServer(self):
+        chat = self.server("netlab-chat")
+        yield defer.ensureDeferred(chat.start())
+        self.register(chat.port, "alice")
+        where = ("--host", "127.0.0.1", "--port", str(chat.port))
+        out, err, code = yield self.netlab(
+            "auth",
+            "login",
+            "-q",
+            *where,
+            "--user",
+            "alice",
+            "--password-stdin",
+            stdin=b"password1\n",
+        )
+        self.assertEqual(code, 0, err)
+        [saved] = self.sessionsFile().values()
+        with FramedSocket.connect_to("127.0.0.1", chat.port) as s:
+            s.send_json({"type": "resume", "token": saved["token"]})
+            self.assertEqual(s.recv_json()["type"], "session")
+            s.send_json({"type": "logout"})
+            self.assertEqual(s.recv_json()["type"], "logged_out")
+        out, err, code = yield self.netlab(
+            "chat", *where, "--room", "dev", "--say", "after logout"
+        )
+        self.assertEqual(code, 5, err)
+        self.assertOneLine(err)
+        self.assertIn(b"log in again", err)
+        self.assertEqual(self.sessionsFile(), {})
+
     # -- pipes ------------------------------------------------------------------
 
     @defer.inlineCallbacks

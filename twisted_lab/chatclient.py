@@ -960,14 +960,14 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
             stdio.StandardIO(StdinLines(session), reactor=reactor)
         return await session.done
     except SessionEnded as e:
-        if e.code == 5 and session.token is not None:
-            # Refused by the server that issued it: that session is over.
-            from twisted_lab.cli import endpointOf
-            from twisted_lab.sessions import SessionStore
-
-            SessionStore().forget(endpointOf(options), session.token)
+        if e.code == 5:
+            _forgetSession(options, session.token)
         out.failed(_abort(str(e), e.code))
         return e.code
+    except ServerError as e:
+        if e.code in SESSION_END_CODES:
+            _forgetSession(options, session.token)
+        raise
     except ClosedByServer:
         raise
     except (error.ConnectionDone, error.ConnectionLost) as e:
@@ -978,6 +978,19 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
         session.closing = True
         if session.client is not None:
             session.client.close()
+
+
+def _forgetSession(options: argparse.Namespace, token: str | None) -> None:
+    """
+    The server that issued C{token} refused it: forget that session (only
+    this server's, and only if it still holds that token).
+    """
+    if token is None:
+        return
+    from twisted_lab.cli import endpointOf
+    from twisted_lab.sessions import SessionStore
+
+    SessionStore().forget(endpointOf(options), token)
 
 
 def _abort(message: str, code: int) -> Abort:
