@@ -319,7 +319,7 @@ class ClientEndToEndTests(TestCase):
     def test_pipedEchoSendsEveryLine(self):
         echo = self.server("netlab-echo")
         yield defer.ensureDeferred(echo.start())
-        lines = "".join(f"line {n}\n" for n in range(200)).encode()
+        lines = "".join(f"line {n}\n" for n in range(3000)).encode()
         out, err, code = yield self.netlab(
             "echo", "-q", "--port", str(echo.port), stdin=lines
         )

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -345,6 +346,38 @@ def readLine(reactor: Any, prompt: str | None) -> defer.Deferred[bytes | None]:
     return d
 
 
+class StdinReader:
+    """
+    Standard input (a pipe or a file), line by line to its end, read by one
+    daemon thread that stays at most C{ahead} lines ahead of the reactor.
+    """
+
+    def __init__(self, reactor: Any, ahead: int = 256, stream: Any = None) -> None:
+        self.reactor = reactor
+        self.stream = stream if stream is not None else sys.stdin.buffer
+        self.lines: defer.DeferredQueue[bytes | None] = defer.DeferredQueue()
+        self.slots = threading.Semaphore(ahead)
+        threading.Thread(target=self._read, name="netlab-stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            self.slots.acquire()
+            raw = self.stream.readline()
+            if not raw:
+                self.reactor.callFromThread(self.lines.put, None)
+                return
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            self.reactor.callFromThread(self.lines.put, line)
+
+    async def next(self) -> bytes | None:
+        """
+        The next line without its newline, or None at the end.
+        """
+        line = await self.lines.get()
+        self.slots.release()
+        return line
+
+
 # -- connecting and failing ---------------------------------------------------
 
 
@@ -533,13 +566,28 @@ async def runEcho(reactor: Any, options: argparse.Namespace) -> int:
         if options.message:
             for message in options.message:
                 show(await client.request(message.encode("utf-8", "surrogateescape")))
-        else:
-            prompt = "echo> " if options.interactive else None
+        elif options.interactive:
             while True:
-                line = await readLine(reactor, prompt)
-                if line is None or (options.interactive and line == b"/quit"):
+                line = await readLine(reactor, "echo> ")
+                if line is None or line == b"/quit":
                     break
                 show(await client.request(line))
+        else:
+            # A pipe: read to its end, with up to `window` frames in flight
+            # (replies come back in order, so they are shown in order).
+            reader = StdinReader(reactor)
+            pending: deque[defer.Deferred[bytes]] = deque()
+            window = 64
+            while True:
+                line = await reader.next()
+                if line is None:
+                    break
+                client.send(line)
+                pending.append(client.receive())
+                if len(pending) >= window:
+                    show(await pending.popleft())
+            while pending:
+                show(await pending.popleft())
     finally:
         await client.close()
     return EXIT_OK
