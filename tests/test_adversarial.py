@@ -146,7 +146,7 @@ class AdversarialCatalogueTests(TestCase):
         self.chat = Server(
             workdir / "chat", "netlab-chat", "--port", "0", "--db",
             str(workdir / "db.sqlite3"), "--max-length", str(MAX),
-            "--frame-timeout", "1", "--session-idle", "2",
+            "--header-timeout", "1", "--frame-timeout", "1", "--session-idle", "2",
             "--hash-memory-kib", "1024", "--hash-time-cost", "1",
             "--max-send-queue", "65536", "--message-rate", "100000",
             "--message-burst", "100000", "--registrations-per-hour", "100000",
@@ -193,7 +193,7 @@ class AdversarialCatalogueTests(TestCase):
     @defer.inlineCallbacks
     def test_stalledHeaders(self):
         """
-        1, 2 or 3 header bytes and then silence: cut off at --frame-timeout
+        1, 2 or 3 header bytes and then silence: cut off at --header-timeout
         (1 s here), not at the idle timeout (300 s).
         """
 

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import connectProtocol, frames
 from twisted_lab import events
 from twisted_lab.echo import EchoFactory, FramedEcho, Options, RawEcho
+from twisted_lab.server import CLOSE_GRACE_SECONDS
 
 
 def echoFactory(**settings) -> EchoFactory:
@@ -63,13 +64,22 @@ class FramedEchoTests(SynchronousTestCase):
         protocol.dataReceived(b"\x00\x01")
         protocol.dataReceived(b"\x00")  # 65536 > 16
         self.assertEqual(transport.value(), frames(b"ok", b"abcde"))
-        self.assertTrue(transport.disconnected)
+        self.assertTrue(transport.disconnecting)
 
-    def test_oversizedHeaderAborts(self) -> None:
-        protocol, transport, recorder = connectProtocol(echoFactory(maxLength=16))
+    def test_oversizedHeaderClosesAfterTheEchoes(self) -> None:
+        """
+        Frames complete before an oversized header are echoed and the
+        connection closes once they are sent: it is aborted only if the
+        peer does not take them within the grace period.
+        """
+        factory = echoFactory(maxLength=16)
+        protocol, transport, recorder = connectProtocol(factory)
         protocol.dataReceived(frames(b"ok") + b"\x00\x00\x00\x11")
         self.assertEqual(transport.value(), frames(b"ok"))
-        self.assertTrue(transport.disconnected, "aborted, not closed politely")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected, "closed politely, not aborted")
+        factory.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertTrue(transport.disconnected, "aborted after the grace")
         [event] = recorder.named(events.FRAME_TOO_LONG)
         self.assertEqual((event["length"], event["limit"]), (17, 16))
         # Whatever the peer sends after that is ignored.
@@ -201,7 +211,11 @@ class IdleTimeoutTests(SynchronousTestCase):
 
     def test_noTimeout(self) -> None:
         clock = Clock()
-        connectProtocol(echoFactory(clock=clock, idleTimeout=None, frameTimeout=None))
+        connectProtocol(
+            echoFactory(
+                clock=clock, idleTimeout=None, headerTimeout=None, frameTimeout=None
+            )
+        )
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_oneTimerPerServer(self) -> None:
@@ -218,8 +232,10 @@ class IdleTimeoutTests(SynchronousTestCase):
 
 class SlowlorisTests(SynchronousTestCase):
     """
-    A frame that stays incomplete is cut off at --frame-timeout, however
-    slowly its bytes keep trickling in (which keeps the idle timer happy).
+    Each frame has its own deadlines: its header within --header-timeout of
+    its first byte, its payload within --frame-timeout plus one second per
+    --frame-min-rate bytes received; however slowly bytes keep trickling in
+    (which keeps the idle timer happy), an overdue frame is cut off.
     """
 
     def test_tricklingHeaderIsCutOff(self) -> None:
@@ -237,13 +253,59 @@ class SlowlorisTests(SynchronousTestCase):
 
     def test_tricklingPayloadIsCutOff(self) -> None:
         clock = Clock()
-        factory = echoFactory(clock=clock, idleTimeout=30, frameTimeout=10)
+        factory = echoFactory(
+            clock=clock, idleTimeout=30, frameTimeout=10, frameMinRate=100
+        )
         protocol, transport, _ = connectProtocol(factory)
         protocol.dataReceived(b"\x00\x00\x01\x00")  # a 256-byte frame
         for _ in range(4):
             clock.advance(2.5)
             protocol.dataReceived(b"x")
+        self.assertFalse(transport.disconnected, "4 bytes bought 0.04 s")
+        clock.advance(2.5)
         self.assertTrue(transport.disconnected)
+
+    def test_payloadAtTheMinimumRateIsNotCutOff(self) -> None:
+        """
+        A large frame that arrives slowly but at least at the minimum rate
+        is not cut off, however long it takes: the deadline grows with
+        every byte (mod_reqtimeout's MinRate).
+        """
+        clock = Clock()
+        factory = echoFactory(
+            clock=clock, idleTimeout=30, frameTimeout=5, frameMinRate=100
+        )
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.dataReceived(b"\x00\x00\x27\x10")  # 10,000 bytes
+        for _ in range(99):
+            clock.advance(1)
+            protocol.dataReceived(b"x" * 100)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"x" * 100)
+        self.assertEqual(len(transport.value()), 4 + 10_000)
+
+    def test_framesStreamedBackToBackAreNeverCutOff(self) -> None:
+        """
+        A client streaming frames whose every read ends a few bytes into
+        the next frame always has a frame incomplete; each frame completes
+        at once, so none is overdue (the old deadline measured "some frame
+        has been incomplete since ..." and cut such a client off).
+        """
+        clock = Clock()
+        factory = echoFactory(
+            clock=clock, idleTimeout=30, headerTimeout=2, frameTimeout=2
+        )
+        protocol, transport, recorder = connectProtocol(factory)
+        stream = frames(*[b"%05d" % i for i in range(200)])
+        step = 9 + 3  # one whole frame, and 3 bytes of the next
+        sent = 0
+        while sent < len(stream):
+            protocol.dataReceived(stream[sent : sent + step])
+            sent += step
+            clock.advance(0.5)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(recorder.named(events.FRAME_TIMEOUT), [])
+        self.assertEqual(transport.value(), stream)
 
     def test_completeFramesResetTheDeadline(self) -> None:
         clock = Clock()
@@ -264,7 +326,7 @@ class SlowlorisTests(SynchronousTestCase):
         factory = SampleFactory(clock=clock, idleTimeout=None, frameTimeout=10)
         protocol, transport, _ = connectProtocol(factory)
         protocol.dataReceived(b"\x00\x00\x00\x10{")
-        clock.advance(10)
+        clock.advance(12.5)
         [error] = replies(transport)
         self.assertEqual(error["code"], "frame_timeout")
         self.assertTrue(transport.disconnecting)

@@ -58,7 +58,9 @@ class ServiceTests(TestCase):
         recorder = EventRecorder()
         factory = EchoFactory()
         factory.log = recorder.logger
-        service = NetlabService("netlab-echo", factory, description, **kwargs)
+        service = NetlabService(
+            "netlab-echo", factory, description, reactor=reactor, **kwargs
+        )
         service.log = recorder.logger
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
@@ -110,11 +112,16 @@ class ServiceTests(TestCase):
             "netlab-echo",
             EchoFactory(),
             tcpDescription(busy, "127.0.0.1"),
+            reactor=reactor,
             portFallback=False,
         )
         service.log = recorder.logger
-        with self.assertRaises(SystemExit) as raised:
-            service.startService()
+        # An Exception (twistd's daemon mode reports it to the waiting
+        # parent and removes the pid file) and a SystemExit (the foreground
+        # prints the message, no traceback).
+        with self.assertRaises(Exception) as raised:
+            service.privilegedStartService()
+        self.assertIsInstance(raised.exception, SystemExit)
         self.assertIn(f"{busy}", str(raised.exception.code))
         self.assertIn("--no-port-fallback", str(raised.exception.code))
         self.assertEqual(len(recorder.named(events.LISTEN_FAILED)), 1)

@@ -11,10 +11,7 @@ throttling, everything the auth and chat services share about who a user is.
     memory cost while it runs).
   - Tokens: C{secrets.token_urlsafe(32)} (256 bits), stored only as their
     SHA-256 digest.
-  - Throttles: failed logins per account and per client address with
-    exponential back-off, registrations per address with a token bucket;
-    every delay is capped and forgotten after a quiet period, so nobody is
-    locked out for good.
+  - Throttles (L{twisted_lab.limits}) are applied by the auth protocol.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import re
 import secrets
 import threading
 import unicodedata
-from dataclasses import dataclass
 from typing import Any
 
 from passlib.context import CryptContext
@@ -205,123 +201,3 @@ class PasswordHasher:
             self._dummy = self.context.hash(secrets.token_urlsafe(16))
         self.context.verify(password, self._dummy)
         return False, None
-
-
-# -- throttling -------------------------------------------------------------
-
-
-#: Throttles forget keys that no longer matter once they hold this many,
-#: so an attacker cycling through names or addresses cannot grow them
-#: without bound.
-PRUNE_AT = 10_000
-
-
-@dataclass
-class _Failures:
-    count: int = 0
-    lastFailure: float = 0.0
-    blockedUntil: float = 0.0
-
-
-class FailureThrottle:
-    """
-    Exponential back-off after repeated failures, per key.
-
-    The first C{free} failures cost nothing; each one after that blocks the
-    key for C{base * 2 ** (n - free)} seconds, capped at C{cap}.  A success
-    clears the key, and so does C{forgetAfter} seconds without a failure:
-    the worst an attacker can do to a victim's account is make it wait
-    C{cap} seconds between attempts.  (fail2ban's findtime/bantime,
-    OpenSSH's MaxAuthTries, Dovecot's auth_failure_delay, combined.)
-    """
-
-    def __init__(
-        self,
-        clock: Any,
-        free: int,
-        base: float = 1.0,
-        cap: float = 900.0,
-        forgetAfter: float = 3600.0,
-    ) -> None:
-        self.clock = clock
-        self.free = free
-        self.base = base
-        self.cap = cap
-        self.forgetAfter = forgetAfter
-        self._keys: dict[str, _Failures] = {}
-
-    def retryAfter(self, key: str) -> float:
-        """
-        Seconds until C{key} may try again (0: now).
-        """
-        entry = self._current(key)
-        if entry is None:
-            return 0.0
-        return max(0.0, entry.blockedUntil - self.clock.seconds())
-
-    def failed(self, key: str) -> None:
-        if len(self._keys) >= PRUNE_AT:
-            self.prune()
-        now = self.clock.seconds()
-        entry = self._current(key) or self._keys.setdefault(key, _Failures())
-        entry.count += 1
-        entry.lastFailure = now
-        if entry.count > self.free:
-            delay = min(self.cap, self.base * 2 ** min(entry.count - self.free - 1, 30))
-            entry.blockedUntil = now + delay
-
-    def succeeded(self, key: str) -> None:
-        self._keys.pop(key, None)
-
-    def _current(self, key: str) -> _Failures | None:
-        entry = self._keys.get(key)
-        if entry is not None and (
-            self.clock.seconds() - entry.lastFailure > self.forgetAfter
-        ):
-            del self._keys[key]
-            return None
-        return entry
-
-    def prune(self) -> None:
-        """
-        Drop keys nobody has failed on for a while (bounded memory).
-        """
-        for key in list(self._keys):
-            self._current(key)
-
-
-class TokenBucket:
-    """
-    At most C{capacity} events at once per key, refilled at C{rate} per
-    second: the registration limit per address.
-    """
-
-    def __init__(self, clock: Any, capacity: float, rate: float) -> None:
-        self.clock = clock
-        self.capacity = capacity
-        self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str) -> float:
-        """
-        Take one token: 0 if there was one, else the seconds until there is.
-        """
-        if len(self._buckets) >= PRUNE_AT:
-            self.prune()
-        now = self.clock.seconds()
-        tokens, then = self._buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - then) * self.rate)
-        if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1 - tokens) / self.rate
-
-    def prune(self) -> None:
-        """
-        Drop keys whose bucket has refilled (bounded memory).
-        """
-        now = self.clock.seconds()
-        for key, (tokens, then) in list(self._buckets.items()):
-            if tokens + (now - then) * self.rate >= self.capacity:
-                del self._buckets[key]

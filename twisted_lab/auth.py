@@ -12,8 +12,8 @@ all of it: L{AuthProtocol} is the base of its protocol.
 
 from __future__ import annotations
 
-import math
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from twisted.application.service import IService
 from twisted.cred.checkers import ICredentialsChecker
@@ -26,18 +26,18 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from zope.interface import Attribute, Interface, implementer
 
+from twisted_lab import events
 from twisted_lab.accounts import (
     DEFAULT_MEMORY_KIB,
     DEFAULT_PARALLELISM,
     DEFAULT_TIME_COST,
-    FailureThrottle,
     PasswordHasher,
-    TokenBucket,
     canonicalUsername,
     checkPassword,
     newToken,
     tokenDigest,
 )
+from twisted_lab.limits import FailureThrottle, RequestLimit, TokenBucket
 from twisted_lab.messages import (
     DEFAULT_MAX_LENGTH,
     Message,
@@ -52,7 +52,10 @@ from twisted_lab.server import (
     nonNegativeFloat,
     positiveInt,
 )
+from twisted_lab.sessionwatch import SessionWatch
 from twisted_lab.store import Store
+
+T = TypeVar("T")
 
 DEFAULT_PORT = 9092
 DEFAULT_SESSION_IDLE = 24 * 3600.0
@@ -189,6 +192,18 @@ class AccountRealm:
 USERNAME = Text(maxChars=1024)
 PASSWORD = Text(maxChars=4096)
 
+#: The rate of each request kind (docs/protocol.md, "Limits").  Password
+#: guesses are bounded by the login throttles, not by these.
+AUTH_LIMITS = {
+    "register": RequestLimit(rate=1.0, burst=5, perUser=False),
+    "login": RequestLimit(rate=2.0, burst=10, perUser=False),
+    "resume": RequestLimit(rate=2.0, burst=10, perUser=False),
+    "whoami": RequestLimit(rate=10.0, burst=50),
+    "logout": RequestLimit(rate=2.0, burst=10),
+    "change_password": RequestLimit(rate=0.2, burst=3),
+    "ping": RequestLimit(rate=50.0, burst=500, perUser=False),
+}
+
 
 class AuthProtocol(MessageProtocol):
     """
@@ -206,24 +221,50 @@ class AuthProtocol(MessageProtocol):
         "ping": {},
     }
 
+    limits = AUTH_LIMITS
+
     account: Account | None = None
     sessionDigest: bytes | None = None
     _logout: Any = None
 
-    def rateLimited(self, seconds: float, what: str) -> RequestError:
-        retry = max(1, math.ceil(seconds))
-        self.log.info(
-            "{peer}: {what} rate limited for {retry_after} s",
-            event="rate_limited",
-            peer=self.peer,
-            what=what,
-            retry_after=retry,
-        )
-        return RequestError(
-            "rate_limited",
-            f"too many attempts; try again in {retry} s",
-            retry_after=retry,
-        )
+    def rateKey(self) -> str | None:
+        return self.account.username if self.account is not None else None
+
+    async def checkingPassword(
+        self, username: str, check: Callable[[], Awaitable[T]]
+    ) -> T:
+        """
+        Run C{check} (a password check: a slow hash) for C{username} under
+        the login throttles, which every request that checks a password
+        shares.  The attempt is counted before the hash starts, so guesses
+        sent at once count as they arrive; a success gives it back.
+        """
+        factory = self.factory
+        wait = factory.accountFailures.reserve(username)
+        if wait:
+            raise self.rateLimited(wait, "password")
+        wait = factory.addressFailures.reserve(self.group)
+        if wait:
+            factory.accountFailures.release(username)
+            raise self.rateLimited(wait, "password")
+        try:
+            result = await check()
+        except UnauthorizedLogin:
+            if factory.logBudget.admit("login_failed"):
+                self.log.info(
+                    "{peer}: wrong password for {username}",
+                    event="login_failed",
+                    peer=self.peer,
+                    username=username,
+                )
+            raise BAD_CREDENTIALS from None
+        except BaseException:
+            factory.accountFailures.release(username)
+            factory.addressFailures.release(self.group)
+            raise
+        factory.accountFailures.succeeded(username)
+        factory.addressFailures.release(self.group)
+        return result
 
     async def request_register(self, message: Message) -> Message:
         factory = self.factory
@@ -244,34 +285,15 @@ class AuthProtocol(MessageProtocol):
         return {"type": "registered", "username": username}
 
     async def request_login(self, message: Message) -> Message:
-        factory = self.factory
         try:
             username = canonicalUsername(message["username"])
         except RequestError:
             username = ""  # cannot exist: checked against the dummy hash
-        wait = max(
-            factory.accountFailures.retryAfter(username),
-            factory.addressFailures.retryAfter(self.group),
+        credentials = PasswordCredentials(username, message["password"])
+        _, avatar, logout = await self.checkingPassword(
+            username,
+            lambda: self.factory.portal.login(credentials, self, IAccount),
         )
-        if wait:
-            raise self.rateLimited(wait, "login")
-        try:
-            _, avatar, logout = await factory.portal.login(
-                PasswordCredentials(username, message["password"]),
-                self,
-                IAccount,
-            )
-        except UnauthorizedLogin:
-            factory.accountFailures.failed(username)
-            factory.addressFailures.failed(self.group)
-            self.log.info(
-                "{peer}: failed login as {username}",
-                event="login_failed",
-                peer=self.peer,
-                username=username,
-            )
-            raise BAD_CREDENTIALS from None
-        factory.accountFailures.succeeded(username)
         return await self._startSession(avatar, logout, "login_succeeded")
 
     async def _startSession(self, avatar: Any, logout: Any, event: str) -> Message:
@@ -289,7 +311,7 @@ class AuthProtocol(MessageProtocol):
         except BaseException:
             logout()
             raise
-        self._loggedIn(avatar, digest, logout)
+        self._loggedIn(avatar, digest, logout, expires)
         self.log.info(
             "{peer} logged in as {username}",
             event=event,
@@ -307,15 +329,34 @@ class AuthProtocol(MessageProtocol):
             "expires_at": rfc3339(expires),
         }
 
-    def _loggedIn(self, avatar: Account, digest: bytes, logout: Any) -> None:
+    def _loggedIn(
+        self, avatar: Account, digest: bytes, logout: Any, expiresAt: float
+    ) -> None:
         """
-        The connection now acts as C{avatar}; C{logout} (from the realm)
-        is called when it stops doing so.
+        The connection now acts as C{avatar}, holding session C{digest};
+        C{logout} (from the realm) is called when it stops doing so.
         """
         self._loggedOut()
         self.account = avatar
         self.sessionDigest = digest
         self._logout = logout
+        self.factory.sessions.hold(self, digest, expiresAt, avatar.username)
+
+    def sessionEnded(self, code: str, reason: str) -> None:
+        """
+        The session this connection holds was revoked or expired (here or
+        on another server): say so, and stop acting as its user.
+        """
+        account = self.account
+        self._loggedOut()
+        self.log.info(
+            "{peer}: the session of {username} ended ({code})",
+            event=events.SESSION_ENDED,
+            peer=self.peer,
+            username=account.username if account is not None else None,
+            code=code,
+        )
+        self.sendMessage({"type": "error", "code": code, "message": reason})
 
     async def request_resume(self, message: Message) -> Message:
         credentials = SessionToken(message["token"])
@@ -327,7 +368,12 @@ class AuthProtocol(MessageProtocol):
             raise RequestError(
                 "invalid_token", "unknown, expired or revoked token"
             ) from None
-        self._loggedIn(cast(Account, avatar), tokenDigest(credentials.token), logout)
+        self._loggedIn(
+            cast(Account, avatar),
+            tokenDigest(credentials.token),
+            logout,
+            credentials.expiresAt,
+        )
         self.log.info(
             "{peer} resumed the session of {username}",
             event="session_resumed",
@@ -358,6 +404,7 @@ class AuthProtocol(MessageProtocol):
         logout, self._logout = self._logout, None
         self.account = None
         self.sessionDigest = None
+        self.factory.sessions.release(self)
         if logout is not None:
             logout()
 
@@ -371,9 +418,11 @@ class AuthProtocol(MessageProtocol):
 
     async def request_logout(self, message: Message) -> Message:
         account = await self.requireSession()
-        assert self.sessionDigest is not None
-        await self.factory.store.deleteSession(self.sessionDigest)
+        digest = self.sessionDigest
+        assert digest is not None
+        await self.factory.store.deleteSession(digest, self.factory.now())
         self._loggedOut()
+        self.factory.sessions.revoked(digest, "logged_out")
         self.log.info(
             "{peer}: {username} logged out",
             event="logged_out",
@@ -386,14 +435,18 @@ class AuthProtocol(MessageProtocol):
         account = await self.requireSession()
         factory = self.factory
         checkPassword(message["new"])
-        stored = await factory.store.passwordHash(account.username)
-        ok, _ = await factory.hasher.verify(message["old"], stored)
-        if not ok:
-            raise BAD_CREDENTIALS
+        credentials = PasswordCredentials(account.username, message["old"])
+        await self.checkingPassword(
+            account.username,
+            lambda: factory.passwordChecker.requestAvatarId(credentials),
+        )
         newHash = await factory.hasher.hash(message["new"])
         await factory.store.setPasswordHash(
-            account.username, newHash, keepSession=self.sessionDigest
+            account.username, newHash, keepSession=self.sessionDigest, now=factory.now()
         )
+        for digest in factory.sessions.digestsOf(account.username):
+            if digest != self.sessionDigest:
+                factory.sessions.revoked(digest, "password_changed")
         self.log.info(
             "{peer}: {username} changed password",
             event="password_changed",
@@ -437,16 +490,15 @@ class AuthFactory(ServerFactory):
         self.addressFailures = FailureThrottle(clock, free=ADDRESS_FREE_FAILURES)
         self.registrations = TokenBucket(
             clock,
-            capacity=registrationsPerHour,
+            burst=registrationsPerHour,
             rate=registrationsPerHour / 3600.0,
         )
+        self.passwordChecker = PasswordChecker(store, hasher)
         self.portal = Portal(
             self.makeRealm(),
-            [
-                PasswordChecker(store, hasher),
-                TokenChecker(store, clock, sessionIdle),
-            ],
+            [self.passwordChecker, TokenChecker(store, clock, sessionIdle)],
         )
+        self.sessions = SessionWatch(store, clock, sessionIdle)
 
     def makeRealm(self) -> Any:
         """

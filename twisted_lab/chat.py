@@ -22,15 +22,16 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_lab import auth
-from twisted_lab.accounts import TokenBucket, canonicalUsername
-from twisted_lab.auth import Account, AuthFactory, AuthProtocol, IAccount
+from twisted_lab.accounts import canonicalUsername
+from twisted_lab.auth import AUTH_LIMITS, Account, AuthFactory, AuthProtocol, IAccount
 from twisted_lab.framing import encodeFrame
+from twisted_lab.limits import RequestLimit, TokenBucket
 from twisted_lab.messages import (
     Integer,
     Message,
@@ -47,9 +48,34 @@ ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_TEXT = 4000
 HISTORY_ON_JOIN = 50
 MAX_HISTORY = 500
-DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 DEFAULT_MESSAGE_RATE = 10.0
 DEFAULT_MESSAGE_BURST = 20
+#: Rooms one connection may be in at once.
+MAX_ROOMS_PER_CONNECTION = 50
+#: Names a member list or room list carries at most (a reply must fit in
+#: one frame of the server's --max-length).
+MAX_LISTED = 1000
+#: Bytes of a reply's frame kept free for its other fields.
+REPLY_SLACK = 1024
+
+#: The rate of each request kind (docs/protocol.md, "Limits"): joins and
+#: leaves (which others see as presence) share one bucket; room and
+#: private messages share the --message-rate bucket; what reads the
+#: database has a rate of its own.
+CHAT_LIMITS = {
+    **AUTH_LIMITS,
+    "join": RequestLimit(rate=1.0, burst=10, bucket="membership"),
+    "leave": RequestLimit(rate=1.0, burst=10, bucket="membership"),
+    "say": RequestLimit(
+        rate=DEFAULT_MESSAGE_RATE, burst=DEFAULT_MESSAGE_BURST, bucket="messages"
+    ),
+    "msg": RequestLimit(
+        rate=DEFAULT_MESSAGE_RATE, burst=DEFAULT_MESSAGE_BURST, bucket="messages"
+    ),
+    "history": RequestLimit(rate=5.0, burst=20),
+    "who": RequestLimit(rate=10.0, burst=50),
+    "rooms": RequestLimit(rate=1.0, burst=10),
+}
 
 
 def positiveFloat(value: str) -> float:
@@ -373,20 +399,18 @@ def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
 ROOM = Text(maxChars=64)
 
 
-@implementer(IPushProducer)
 class ChatProtocol(AuthProtocol):
     """
     One chat connection: the mind of a L{ChatUser}.
 
-    It registers itself as the producer of its transport: the transport
-    calls L{pauseProducing} when its send buffer is full (the peer is not
-    reading) and L{resumeProducing} once it drained.  Broadcast bytes
-    written while paused are counted; past C{--max-send-queue} the member
-    is a slow consumer and is cut off, so its buffer, and the server's
-    memory, stay bounded while the other members carry on.
+    Everything it is sent (replies, broadcasts, private messages, presence)
+    goes through the connection's one output account: a member that does
+    not read is cut off as a slow consumer past C{--max-send-queue}, so its
+    backlog, and the server's memory, stay bounded while the others carry on.
     """
 
     factory: ChatFactory
+    limits = CHAT_LIMITS
     requests = {
         **AuthProtocol.requests,
         "join": {"room": ROOM},
@@ -402,67 +426,15 @@ class ChatProtocol(AuthProtocol):
         "rooms": {},
     }
 
-    _congested = False
-    _queuedWhileCongested = 0
-
     def connectionMade(self) -> None:
         self.joined: set[str] = set()
         super().connectionMade()
 
-    def startFlowControl(self) -> None:
-        # This connection is its transport's producer: besides pausing
-        # reading, it must count the broadcasts queued while congested.
-        self.transport.registerProducer(self, True)
-
-    # IPushProducer, as seen by our own transport.
-    def pauseProducing(self) -> None:
-        # The transport calls this on every write while its buffer is
-        # over its size, not only when it fills: count from the first.
-        if not self._congested:
-            self._congested = True
-            self._queuedWhileCongested = 0
-            if not self.transport.disconnecting:
-                self.transport.pauseProducing()  # and stop reading, as others do
-
-    def resumeProducing(self) -> None:
-        self._congested = False
-        self._queuedWhileCongested = 0
-        if not self.transport.disconnecting:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._congested = False
-
     def deliver(self, frame: bytes, now: float | None = None) -> None:
         """
-        Write a broadcast frame (shared bytes) unless this member has
-        fallen too far behind.
+        Write a broadcast frame (bytes shared by every member).
         """
-        if self.transport.disconnecting:
-            return
-        if self._congested:
-            self._queuedWhileCongested += len(frame)
-            if self._queuedWhileCongested > self.factory.maxSendQueue:
-                self.slowConsumer()
-                return
-        self.transport.write(frame)
-        self.noteSent(len(frame), now)
-
-    def slowConsumer(self) -> None:
-        self.log.warn(
-            "{peer} ({user}) cannot keep up; disconnecting",
-            event="slow_consumer",
-            peer=self.peer,
-            user=self.account.username if self.account else None,
-        )
-        self.sendMessage(
-            {
-                "type": "error",
-                "code": "slow_consumer",
-                "message": "you are not reading fast enough; disconnecting",
-            }
-        )
-        self.transport.abortConnection()
+        self.write(frame, now)
 
     def chatUser(self) -> ChatUser:
         if not isinstance(self.account, ChatUser):
@@ -472,19 +444,33 @@ class ChatProtocol(AuthProtocol):
     async def request_join(self, message: Message) -> Message:
         user = self.chatUser()
         service = self.factory.service
-        room = await service.room(validRoom(message["room"]))
+        name = validRoom(message["room"])
+        if name not in self.joined and len(self.joined) >= MAX_ROOMS_PER_CONNECTION:
+            raise RequestError(
+                "too_many_rooms",
+                f"a connection may be in at most {MAX_ROOMS_PER_CONNECTION} rooms",
+            )
+        room = await service.room(name)
         if self.account is not user:
             raise RequestError("not_authenticated", "logged out meanwhile")
         room = service.join(room, user, self)
         lastSeq = room.lastSeq
         rows = await self.factory.store.recentHistory(room.name, HISTORY_ON_JOIN)
-        return {
+        members, moreMembers = _listed(sorted(room.members))
+        budget = self.MAX_LENGTH - REPLY_SLACK - sum(len(m) + 3 for m in members)
+        history, moreHistory = _fitting(room.name, rows, budget, newest=True)
+        reply: Message = {
             "type": "joined",
             "room": room.name,
-            "members": sorted(room.members),
-            "history": [_message(room.name, row) for row in rows],
+            "members": members,
+            "history": history,
             "last_seq": lastSeq,
         }
+        if moreMembers:
+            reply["more_members"] = True
+        if moreHistory:
+            reply["more"] = True
+        return reply
 
     def request_leave(self, message: Message) -> Message:
         user = self.chatUser()
@@ -502,9 +488,6 @@ class ChatProtocol(AuthProtocol):
             raise RequestError(
                 "not_in_room", f"join {name} before saying anything there"
             )
-        wait = self.factory.flood.take(user.username)
-        if wait:
-            raise self.rateLimited(wait, "messages")
         service = self.factory.service
         await service.post(service.rooms[name], user.username, text)
         return None
@@ -519,6 +502,11 @@ class ChatProtocol(AuthProtocol):
         target = self.factory.service.users.get(to)
         if target is None or not target.minds:
             raise RequestError("no_such_user", "no such user is online")
+        # However many senders there are, one user receives private
+        # messages no faster than a few members' worth of messages.
+        wait = self.factory.inbox.take(to)
+        if wait:
+            raise self.rateLimited(wait, f"private messages to {to}")
         frame = encodeFrame(
             encodeMessage(
                 {
@@ -543,38 +531,80 @@ class ChatProtocol(AuthProtocol):
         self.chatUser()
         name = validRoom(message["room"])
         limit = message.get("limit", 100)
-        if "after" in message:
-            rows = await self.factory.store.history(name, message["after"], limit)
-        else:  # (netlab) no "after": the latest `limit` messages
+        newest = "after" not in message
+        if newest:  # (netlab) no "after": the latest `limit` messages
             rows = await self.factory.store.recentHistory(name, limit)
-        return {
-            "type": "history",
-            "room": name,
-            "messages": [_message(name, row) for row in rows],
-        }
+        else:
+            rows = await self.factory.store.history(name, message["after"], limit)
+        messages, more = _fitting(
+            name, rows, self.MAX_LENGTH - REPLY_SLACK, newest=newest
+        )
+        reply: Message = {"type": "history", "room": name, "messages": messages}
+        if more:
+            reply["more"] = True
+        return reply
 
     def request_who(self, message: Message) -> Message:
         self.chatUser()
         name = validRoom(message["room"])
         room = self.factory.service.rooms.get(name)
-        members = sorted(room.members) if room is not None else []
-        return {"type": "members", "room": name, "members": members}
+        members, more = _listed(sorted(room.members) if room is not None else [])
+        reply: Message = {"type": "members", "room": name, "members": members}
+        if more:
+            reply["more"] = True
+        return reply
 
     async def request_rooms(self, message: Message) -> Message:
         self.chatUser()
-        names = set(await self.factory.store.roomsWithHistory())
+        names = set(await self.factory.store.roomsWithHistory(MAX_LISTED))
         rooms = self.factory.service.rooms
         names.update(name for name, room in rooms.items() if room.members)
-        return {
+        listed, more = _listed(sorted(names))
+        reply: Message = {
             "type": "rooms",
             "rooms": [
                 {
                     "room": name,
                     "members": len(rooms[name].members) if name in rooms else 0,
                 }
-                for name in sorted(names)
+                for name in listed
             ],
         }
+        if more:
+            reply["more"] = True
+        return reply
+
+
+def _listed(names: list[str]) -> tuple[list[str], bool]:
+    """
+    At most L{MAX_LISTED} of C{names}, and whether some were left out.
+    """
+    return names[:MAX_LISTED], len(names) > MAX_LISTED
+
+
+def _fitting(
+    room: str, rows: list[tuple[int, str, str, str]], budget: int, newest: bool
+) -> tuple[list[Message], bool]:
+    """
+    The messages of C{rows} (oldest first) that fit in C{budget} bytes of
+    JSON, and whether some were left out: the newest ones when C{newest}
+    (what a join shows), else the oldest (what a catch-up reads next, then
+    asks again from the last C{seq}).
+    """
+    messages = [_message(room, row) for row in rows]
+    order = reversed(range(len(messages))) if newest else range(len(messages))
+    kept = 0
+    used = 0
+    for i in order:
+        used += len(encodeMessage(messages[i])) + 1
+        if used > budget:
+            break
+        kept += 1
+    if kept == len(messages):
+        return messages, False
+    if newest:
+        return messages[len(messages) - kept :], True
+    return messages[:kept], True
 
 
 def _message(room: str, row: tuple[int, str, str, str]) -> Message:
@@ -601,15 +631,18 @@ class ChatFactory(AuthFactory):
         store: Store,
         hasher: Any,
         *,
-        maxSendQueue: int = DEFAULT_MAX_SEND_QUEUE,
         messageRate: float = DEFAULT_MESSAGE_RATE,
         messageBurst: int = DEFAULT_MESSAGE_BURST,
         **settings: Any,
     ) -> None:
         self.service = ChatService(store, settings.get("clock"))
         super().__init__(store, hasher, **settings)
-        self.maxSendQueue = maxSendQueue
-        self.flood = TokenBucket(self.clock, capacity=messageBurst, rate=messageRate)
+        messages = RequestLimit(messageRate, messageBurst, bucket="messages")
+        self.requestLimits["say"] = self.requestLimits["msg"] = messages
+        assert self.clock is not None
+        self.inbox = TokenBucket(
+            self.clock, burst=4 * messageBurst, rate=4 * messageRate
+        )
 
     def makeRealm(self) -> Any:
         return ChatRealm(self.service)
@@ -628,24 +661,17 @@ class Options(auth.Options):
     defaultPort = DEFAULT_PORT
     optParameters = [
         [
-            "max-send-queue",
-            None,
-            DEFAULT_MAX_SEND_QUEUE,
-            "Bytes a member may fall behind before it is disconnected.",
-            positiveInt,
-        ],
-        [
             "message-rate",
             None,
             DEFAULT_MESSAGE_RATE,
-            "Room messages per user per second (sustained).",
+            "Room and private messages per user per second (sustained).",
             positiveFloat,
         ],
         [
             "message-burst",
             None,
             DEFAULT_MESSAGE_BURST,
-            "Room messages per user in a burst.",
+            "Room and private messages per user in a burst.",
             positiveInt,
         ],
     ]
@@ -659,7 +685,6 @@ def makeService(config: Options) -> IService:
     factory = ChatFactory(
         store,
         config.hasher(),
-        maxSendQueue=config["max-send-queue"],
         messageRate=config["message-rate"],
         messageBurst=config["message-burst"],
         **config.authSettings(),

@@ -21,6 +21,7 @@ from twisted.python.usage import UsageError
 
 from twisted_lab.framing import HEADER, HEADER_SIZE
 from twisted_lab.server import (
+    CLOSING,
     FramedServerProtocol,
     ServedConnection,
     ServerFactory,
@@ -29,6 +30,8 @@ from twisted_lab.server import (
 
 DEFAULT_PORT = 9090
 DEFAULT_MAX_LENGTH = 1024 * 1024
+#: The most a TCP transport hands over in one read.
+ONE_READ = 64 * 1024
 
 
 class FramedEcho(FramedServerProtocol):
@@ -44,11 +47,13 @@ class FramedEcho(FramedServerProtocol):
 
     _remaining = 0  # payload bytes of the current frame still to come
     _heldHeader = b""  # the start of a header split between reads
+    _frameLength = 0  # the payload length of the current frame
 
     def dataReceived(self, data: bytes) -> None:
-        if self.transport.disconnecting:
+        if self.transport.disconnecting or self.readingPausedFor(CLOSING):
             return
         now = self.noteReceived(len(data))
+        wasPartial = bool(self._remaining or self._heldHeader)
         if self._heldHeader:
             data = self._heldHeader + data
         end = len(data)
@@ -56,6 +61,7 @@ class FramedEcho(FramedServerProtocol):
         remaining = self._remaining
         maxLength = self.MAX_LENGTH
         oversized = -1
+        headers = 0
         while True:
             if remaining:
                 if end - offset <= remaining:
@@ -72,16 +78,18 @@ class FramedEcho(FramedServerProtocol):
                 break
             offset += HEADER_SIZE
             remaining = length
+            headers += 1
+        if headers:
+            self._frameLength = length
         self._remaining = remaining
         self._heldHeader = data[offset:] if oversized < 0 else b""
-        if not (remaining or self._heldHeader):
-            self.partialSince = None
-        elif self.partialSince is None:
-            self.partialSince = now
+        if remaining:
+            held = HEADER_SIZE + self._frameLength - remaining
+        else:
+            held = len(self._heldHeader)
+        self.trackFrame(now, held, continued=wasPartial and not headers)
         if offset:
-            reply = data if offset == end else data[:offset]
-            self.transport.write(reply)
-            self.noteSent(len(reply))
+            self.write(data if offset == end else data[:offset], now)
         if oversized >= 0:
             self.lengthLimitExceeded(oversized)
 
@@ -92,9 +100,8 @@ class RawEcho(ServedConnection):
     """
 
     def dataReceived(self, data: bytes) -> None:
-        self.noteReceived(len(data))
-        self.transport.write(data)
-        self.noteSent(len(data))
+        now = self.noteReceived(len(data))
+        self.write(data, now)
 
 
 class EchoFactory(ServerFactory):
@@ -103,6 +110,17 @@ class EchoFactory(ServerFactory):
     """
 
     def __init__(self, framing: str = "int32", **settings: Any) -> None:
+        # A client may write a whole frame before it reads the echo (as a
+        # blocking socket does); its echo must fit in what we hold for it,
+        # or both sides would wait for each other.
+        maxLength = settings.get("maxLength", DEFAULT_MAX_LENGTH)
+        soft = HEADER_SIZE + maxLength if framing == "int32" else 0
+        settings.setdefault("outputSoftBound", soft)
+        # Past the soft bound reading stops, so at most one more read can
+        # follow: the hard bound is never reached by an echo's own output.
+        settings["maxSendQueue"] = max(
+            settings.get("maxSendQueue", 0), settings["outputSoftBound"] + ONE_READ * 4
+        )
         super().__init__(**settings)
         if framing not in FRAMINGS:
             raise ValueError(f"unknown framing {framing!r}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
+from twisted_lab.limits import RequestLimit
 from twisted_lab.messages import (
     DEFAULT_MAX_LENGTH,
     Message,
@@ -74,6 +75,12 @@ class IdentityProtocol(MessageProtocol):
         "name": {"name": Text(maxChars=4096)},
         "forget": {},
         "ping": {},
+    }
+    #: docs/protocol.md section 3.5: what writes the store is slow.
+    limits = {
+        "name": RequestLimit(rate=2.0, burst=10, perUser=False, bucket="store"),
+        "forget": RequestLimit(rate=2.0, burst=10, perUser=False, bucket="store"),
+        "ping": RequestLimit(rate=50.0, burst=500, perUser=False),
     }
     address = ""
 

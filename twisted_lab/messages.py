@@ -12,12 +12,15 @@ One place turns a frame into a validated request and a reply into a frame
   - L{MessageProtocol}: dispatch to C{request_<type>} methods that may
     return a Deferred, with replies written in request order, every
     malformed frame answered by an C{error} on a connection that stays
-    usable, and a bound on consecutive errors.
+    usable, a bound on consecutive errors, a rate per request kind, and a
+    queue that waits for the connection's output.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,10 +28,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from twisted_lab import events
+from twisted_lab.framing import encodeFrame
+from twisted_lab.limits import RequestLimit
 from twisted_lab.server import FramedServerProtocol
 
 DEFAULT_MAX_LENGTH = 64 * 1024
@@ -38,8 +43,10 @@ MAX_INTEGER_DIGITS = 20
 MAX_CONSECUTIVE_ERRORS = 20
 #: Requests queued behind a slow one before the server stops reading.
 MAX_QUEUED_REQUESTS = 64
-#: How long a closing connection may take to flush its last error.
-CLOSE_GRACE_SECONDS = 5.0
+#: Integers in requests must fit in 64 signed bits (what every store and
+#: client can hold); outside that they are C{bad_request}, never a crash.
+MIN_INTEGER = -(2**63)
+MAX_INTEGER = 2**63 - 1
 
 Message = dict[str, Any]
 
@@ -54,6 +61,9 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+        #: The id of the request it answers, when it was found valid before
+        #: the error (the dispatcher copies it into the reply).
+        self.requestId: Any = None
 
     def reply(self) -> Message:
         return {
@@ -109,15 +119,17 @@ def decodeRequest(frame: bytes) -> Message:
         raise badRequest(f"the frame is not valid JSON ({_firstLine(e)})") from None
     if not isinstance(obj, dict):
         raise badRequest(f"a request must be a JSON object, not {_jsonKind(obj)}")
-    kind = obj.get("type")
-    if not isinstance(kind, str):
-        raise badRequest('a request needs a string field "type"')
     requestId = obj.get("id")
     if requestId is not None and not _validId(requestId):
         obj.pop("id")
         raise badRequest(
             f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer'
         )
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        error = badRequest('a request needs a string field "type"')
+        error.requestId = requestId
+        raise error
     return obj
 
 
@@ -125,7 +137,7 @@ def _validId(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return True
+        return MIN_INTEGER <= value <= MAX_INTEGER
     return isinstance(value, str) and len(value) <= MAX_ID_LENGTH and _isUnicode(value)
 
 
@@ -204,10 +216,12 @@ class Field:
             if not _isUnicode(value):
                 raise badRequest(f'"{name}" is not valid Unicode')
         if kind is int:
-            if self.minimum is not None and value < self.minimum:
-                raise badRequest(f'"{name}" must be at least {self.minimum}')
-            if self.maximum is not None and value > self.maximum:
-                raise badRequest(f'"{name}" must be at most {self.maximum}')
+            minimum = MIN_INTEGER if self.minimum is None else self.minimum
+            maximum = MAX_INTEGER if self.maximum is None else self.maximum
+            if value < minimum:
+                raise badRequest(f'"{name}" must be at least {minimum}')
+            if value > maximum:
+                raise badRequest(f'"{name}" must be at most {maximum}')
 
 
 _KIND_NAMES = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
@@ -246,64 +260,145 @@ def validate(message: Message, schema: Schema) -> None:
 # -- the protocol -------------------------------------------------------------
 
 
+QUEUE_FULL = "request queue full"
+_serials = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class _CloseWith:
+    """
+    Queued behind the requests that arrived first: say C{code} (if any)
+    and close once they have been answered.
+    """
+
+    code: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _Work:
+    """
+    Queued: run C{work} (greetings that need the store) in its turn.
+    """
+
+    work: Callable[[], Any]
+
+
 class MessageProtocol(FramedServerProtocol):
     """
     A connection speaking JSON requests and replies.
 
-    Subclasses list their requests in C{requests} (type -> schema) and
-    handle each in a method C{request_<type>(message)} returning the reply
-    (a dict), L{None} for no reply, or a Deferred of either; raising (or
-    failing with) L{RequestError} replies with that error.  Requests are
-    handled one at a time, in order, so their effects and replies happen in
-    the order they were sent.
+    Subclasses list their requests in C{requests} (type -> schema) and their
+    rates in C{limits} (type -> L{RequestLimit}), and handle each request in
+    a method C{request_<type>(message)} returning the reply (a dict),
+    L{None} for no reply, or a Deferred of either; raising (or failing with)
+    L{RequestError} replies with that error.
+
+    Requests are handled one at a time, in order, so their effects and
+    replies happen in the order they were sent.  The queue is drained by a
+    loop, never by recursion, however many requests are pipelined; it
+    waits while the connection's output is backed up (so a client that
+    does not read cannot make the server build replies without bound) and
+    reading stops while it is long.  An oversized frame or the end of the
+    input is queued too, so everything before it is answered first.
     """
 
     requests: ClassVar[dict[str, Schema]] = {}
+    limits: ClassVar[dict[str, RequestLimit]] = {}
 
     _errorsInARow = 0
     _busy = False
-    _queue: deque[bytes] | None = None
-    _readingPaused = False
-    _closeTimer: IDelayedCall | None = None
+    _draining = False
+    _queue: deque[bytes | _CloseWith | _Work] | None = None
 
     def stringReceived(self, frame: bytes) -> None:
-        if self._busy:
-            if self._queue is None:
-                self._queue = deque()
-            self._queue.append(frame)
-            if len(self._queue) >= MAX_QUEUED_REQUESTS and not self._readingPaused:
-                self._readingPaused = True
-                self.transport.pauseProducing()
-            return
-        self._handle(frame)
+        self._enqueue(frame)
 
     def runExclusively(self, work: Callable[[], Any]) -> None:
         """
         Run C{work} (which may return a Deferred) before any request that
         arrives after this call: used for greetings that need the store.
         """
-        self._busy = True
-        d = defer.maybeDeferred(work)
-        d.addErrback(self._internalError, None)
-        d.addBoth(self._next)
+        self._enqueue(_Work(work))
 
-    def _handle(self, frame: bytes) -> None:
+    def _enqueue(self, item: bytes | _CloseWith | _Work) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(item)
+        if len(queue) >= MAX_QUEUED_REQUESTS:
+            self.pauseReading(QUEUE_FULL)
+        self._drain()
+
+    def _drain(self) -> None:
+        """
+        Handle queued requests until one has to wait (for the store, a
+        hash, or the connection's output), then return; whatever it waits
+        for calls this again.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        queue = self._queue
+        try:
+            while (
+                queue
+                and not self._busy
+                and not self.outputCongested
+                and not self.transport.disconnecting
+            ):
+                d = self._start(queue.popleft())
+                if d is not None:
+                    self._busy = True
+                    d.addBoth(self._finished)
+        finally:
+            self._draining = False
+        if queue is not None and len(queue) < MAX_QUEUED_REQUESTS // 2:
+            self.resumeReading(QUEUE_FULL)
+
+    def _finished(self, _: object) -> None:
+        self._busy = False
+        self._drain()
+
+    def outputDrained(self) -> None:
+        FramedServerProtocol.outputDrained(self)
+        self._drain()
+
+    def _start(self, item: bytes | _CloseWith | _Work) -> defer.Deferred[Any] | None:
+        """
+        Start one queued item; a Deferred if it has work in flight.
+        """
+        if isinstance(item, bytes):
+            return self._handle(item)
+        if isinstance(item, _Work):
+            d = defer.maybeDeferred(item.work)
+            d.addErrback(self._internalError, None)
+            return d
+        if item.code is not None:
+            self.sendMessage(
+                {"type": "error", "code": item.code, "message": item.message}
+            )
+        self.closeAfterFlush()
+        return None
+
+    def _handle(self, frame: bytes) -> defer.Deferred[Any] | None:
         requestId: Any = None
         try:
             message = decodeRequest(frame)
             requestId = message.get("id")
-            schema = self.requests.get(message["type"])
+            kind = message["type"]
+            schema = self.requests.get(kind)
             if schema is None:
                 raise RequestError(
-                    "unknown_type", f"unknown request type {message['type'][:64]!r}"
+                    "unknown_type", f"unknown request type {kind[:64]!r}"
                 )
             validate(message, schema)
+            self._errorsInARow = 0
+            self.checkRate(kind)
         except RequestError as e:
-            self._replyError(e, requestId)
-            return
-        self._errorsInARow = 0
-        handler = getattr(self, "request_" + message["type"])
-        self._busy = True
+            self._replyError(e, e.requestId if requestId is None else requestId)
+            return None
+        handler = getattr(self, "request_" + kind)
         d = defer.maybeDeferred(handler, message)
         d.addCallbacks(
             self._replied,
@@ -311,7 +406,60 @@ class MessageProtocol(FramedServerProtocol):
             callbackArgs=(requestId,),
             errbackArgs=(requestId,),
         )
-        d.addBoth(self._next)
+        return d
+
+    @property
+    def serial(self) -> int:
+        """
+        A number no other connection of this process has had (unlike
+        C{id(self)}, never reused), for per-connection buckets.
+        """
+        serial = self.__dict__.get("_serial")
+        if serial is None:
+            serial = self.__dict__["_serial"] = next(_serials)
+        return int(serial)
+
+    def rateKey(self) -> str | None:
+        """
+        Whose bucket per-user limits draw from: the logged-in user (shared
+        by all of their connections), or L{None} for this connection.
+        """
+        return None
+
+    def checkRate(self, kind: str) -> None:
+        """
+        Take one request of C{kind} from its bucket, or fail with
+        C{rate_limited} and how long to wait.
+        """
+        found = self.factory.requestBuckets(kind)
+        if found is None:
+            return
+        limit, buckets = found
+        user = self.rateKey() if limit.perUser else None
+        key = f"u:{user}" if user is not None else f"c:{self.serial}"
+        wait = buckets.take(key)
+        if wait:
+            raise self.rateLimited(wait, kind)
+
+    def rateLimited(self, seconds: float, what: str) -> RequestError:
+        """
+        The C{rate_limited} error for C{what}, logged (within the log
+        budget: a flood of them folds into one summary).
+        """
+        retry = max(1, math.ceil(seconds))
+        if self.factory.logBudget.admit(events.RATE_LIMITED):
+            self.log.info(
+                "{peer}: {what} rate limited for {retry_after} s",
+                event=events.RATE_LIMITED,
+                peer=self.peer,
+                what=what,
+                retry_after=retry,
+            )
+        return RequestError(
+            "rate_limited",
+            f"too many {what} requests; try again in {retry} s",
+            retry_after=retry,
+        )
 
     def _replied(self, reply: Message | None, requestId: Any) -> None:
         if reply is not None:
@@ -324,25 +472,22 @@ class MessageProtocol(FramedServerProtocol):
             self._internalError(failure, requestId)
 
     def _internalError(self, failure: Failure, requestId: Any) -> None:
-        self.log.failure(
-            "request from {peer} failed",
-            failure,
-            event="internal_error",
-            peer=self.peer,
-        )
+        """
+        A bug or an outage: the client hears C{internal_error}; the log
+        gets the traceback, within the log budget (a request that fails the
+        same way thousands of times writes a few tracebacks and a count).
+        """
+        if self.factory.logBudget.admit(events.INTERNAL_ERROR):
+            self.log.failure(
+                "request from {peer} failed",
+                failure,
+                event=events.INTERNAL_ERROR,
+                peer=self.peer,
+            )
         self.sendMessage(
             RequestError("internal_error", "the server failed to handle that").reply(),
             requestId,
         )
-
-    def _next(self, _: object) -> None:
-        self._busy = False
-        queue = self._queue
-        while queue and not self._busy and not self.transport.disconnecting:
-            self._handle(queue.popleft())
-        if self._readingPaused and not self._busy and not self.transport.disconnecting:
-            self._readingPaused = False
-            self.transport.resumeProducing()
 
     def _replyError(self, error: RequestError, requestId: Any) -> None:
         self.sendMessage(error.reply(), requestId)
@@ -369,18 +514,21 @@ class MessageProtocol(FramedServerProtocol):
         the error be delivered within a few seconds.
         """
         self.sendMessage({"type": "error", "code": code, "message": message})
-        self.transport.loseConnection()
-        clock = self.factory.clock
-        assert clock is not None
-        self._closeTimer = clock.callLater(
-            CLOSE_GRACE_SECONDS, self.transport.abortConnection
-        )
+        self.closeAfterFlush()
 
     def frameTooLong(self, length: int) -> None:
-        self.closeWithError(
-            "frame_too_long",
-            f"a {length}-byte frame is over the {self.MAX_LENGTH}-byte limit",
+        # Answer what came before the oversized header first, then say so;
+        # the grace period runs from now, whatever the queue waits for.
+        self.startCloseTimer()
+        self._enqueue(
+            _CloseWith(
+                "frame_too_long",
+                f"a {length}-byte frame is over the {self.MAX_LENGTH}-byte limit",
+            )
         )
+
+    def endOfInput(self) -> None:
+        self._enqueue(_CloseWith())
 
     def refuse(self, reason: str) -> None:
         self.closeWithError("too_many_connections", reason)
@@ -389,6 +537,22 @@ class MessageProtocol(FramedServerProtocol):
         self.closeWithError(
             "frame_timeout", "a frame stayed incomplete too long; closing"
         )
+
+    def slowConsumer(self) -> None:
+        if not self.transport.disconnecting:
+            # Most likely never read; said for a peer that reads again at last.
+            self.transport.write(
+                encodeFrame(
+                    encodeMessage(
+                        {
+                            "type": "error",
+                            "code": "slow_consumer",
+                            "message": "you are not reading fast enough; disconnecting",
+                        }
+                    )
+                )
+            )
+        FramedServerProtocol.slowConsumer(self)
 
     def idleTimedOut(self) -> None:
         self.sendMessage(
@@ -409,7 +573,5 @@ class MessageProtocol(FramedServerProtocol):
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._closeTimer is not None and self._closeTimer.active():
-            self._closeTimer.cancel()
         self._queue = None
         FramedServerProtocol.connectionLost(self, reason)

@@ -19,7 +19,7 @@ import contextlib
 import ipaddress
 import os
 import re
-import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -29,21 +29,32 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IListeningPort,
+    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.basic import StringTooLongError
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_lab import events
-from twisted_lab.events import DataEventMeter, JSONEventLog
-from twisted_lab.framing import FrameReceiver
+from twisted_lab.events import DataEventMeter, JSONEventLog, LogBudget
+from twisted_lab.framing import HEADER, HEADER_SIZE, MAX_FRAME, FrameReceiver
+from twisted_lab.limits import RequestLimit, TokenBucket
+from twisted_lab.startup import Console, StartupFailed
 from twisted_lab.store import DEFAULT_PATH as DEFAULT_STORE_PATH
 from twisted_lab.store import Store, StoreService
 
+DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_FRAME_TIMEOUT = 60.0
+DEFAULT_FRAME_MIN_RATE = 500.0
+DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
+#: How long a closing connection may take to flush what it was sent.
+CLOSE_GRACE_SECONDS = 5.0
 DEFAULT_MAX_CONNECTIONS = 20_000
 DEFAULT_MAX_PER_ADDRESS = 1_000
 
@@ -105,7 +116,11 @@ class ServerFactory(Factory["ServedConnection"]):
         *,
         maxLength: int = FrameReceiver.MAX_LENGTH,
         idleTimeout: float | None = 300.0,
+        headerTimeout: float | None = DEFAULT_HEADER_TIMEOUT,
         frameTimeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        frameMinRate: float | None = DEFAULT_FRAME_MIN_RATE,
+        maxSendQueue: int = DEFAULT_MAX_SEND_QUEUE,
+        outputSoftBound: int = 0,
         maxConnections: int | None = DEFAULT_MAX_CONNECTIONS,
         maxConnectionsPerAddress: int | None = DEFAULT_MAX_PER_ADDRESS,
         dataEventsPerSecond: int | None = events.DEFAULT_DATA_EVENTS_PER_SECOND,
@@ -113,13 +128,27 @@ class ServerFactory(Factory["ServedConnection"]):
     ) -> None:
         self.maxLength = maxLength
         self.idleTimeout = idleTimeout
+        self.headerTimeout = headerTimeout
         self.frameTimeout = frameTimeout
+        self.frameMinRate = frameMinRate
+        #: Output backlog (bytes written while the send buffer is full)
+        #: past which a connection stops being read, and past which it is
+        #: cut off as a slow consumer.
+        self.outputSoftBound = outputSoftBound
+        self.maxSendQueue = max(maxSendQueue, outputSoftBound)
         self.maxConnections = maxConnections
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
         self.dataEventsPerSecond = dataEventsPerSecond
         self.clock: IReactorTime | None = clock
         self.connections: set[ServedConnection] = set()
         self.perAddress: dict[str, int] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        #: The rate of each request kind: the protocol's defaults, which a
+        #: service may change from its options.
+        self.requestLimits: dict[str, RequestLimit] = dict(
+            getattr(self.protocol, "limits", {})
+        )
+        self._logBudget: LogBudget | None = None
         self._allGone: list[defer.Deferred[None]] = []
         self._sweeper: IDelayedCall | None = None
         self._nextSweep = 0.0
@@ -130,6 +159,34 @@ class ServerFactory(Factory["ServedConnection"]):
         """
         assert self.clock is not None, "the clock is set when the service starts"
         return self.clock.seconds()
+
+    def requestBuckets(self, kind: str) -> tuple[RequestLimit, TokenBucket] | None:
+        """
+        The limit of requests of C{kind} and their buckets (one per user or
+        connection); L{None} for a kind with no limit.
+        """
+        limit = self.requestLimits.get(kind)
+        if limit is None:
+            return None
+        name = limit.bucket or kind
+        buckets = self._buckets.get(name)
+        if buckets is None:
+            assert self.clock is not None
+            buckets = self._buckets[name] = TokenBucket(
+                self.clock, burst=limit.burst, rate=limit.rate
+            )
+        return limit, buckets
+
+    @property
+    def logBudget(self) -> LogBudget:
+        """
+        How many events of each kind this server logs one by one before it
+        folds the rest into a summary.
+        """
+        if self._logBudget is None:
+            assert self.clock is not None
+            self._logBudget = LogBudget(self.log, self.clock)
+        return self._logBudget
 
     def admit(self, connection: ServedConnection, group: str) -> str | None:
         """
@@ -160,6 +217,8 @@ class ServerFactory(Factory["ServedConnection"]):
             self.perAddress.pop(group, None)
         if not self.connections:
             self._stopSweeping()
+            if self._logBudget is not None:
+                self._logBudget.flush()
             waiters, self._allGone = self._allGone, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -172,7 +231,9 @@ class ServerFactory(Factory["ServedConnection"]):
     # idle connections small.
 
     def sweepInterval(self) -> float:
-        limits = [t for t in (self.idleTimeout, self.frameTimeout) if t]
+        limits = [
+            t for t in (self.idleTimeout, self.headerTimeout, self.frameTimeout) if t
+        ]
         return max(0.05, min(5.0, min(limits) / 4)) if limits else 0.0
 
     def _startSweeping(self, after: float | None = None) -> None:
@@ -201,6 +262,8 @@ class ServerFactory(Factory["ServedConnection"]):
         now = self.now()
         for connection in list(self.connections):
             connection.checkDeadlines(now)
+        if self._logBudget is not None:
+            self._logBudget.tick()
         if self.connections:
             self._startSweeping(after=self._nextSweep)
 
@@ -234,11 +297,57 @@ class ServerFactory(Factory["ServedConnection"]):
         return done
 
 
+@implementer(IPushProducer)
+class OutputAccount:
+    """
+    The one account of everything a connection writes.
+
+    It is registered as the producer of the connection's transport, which
+    calls L{pauseProducing} while its send buffer is over its size (the peer
+    is not reading as fast as we write) and L{resumeProducing} once the
+    buffer has drained.  Bytes written in between are the I{backlog}: past
+    the soft bound the connection stops reading (its own requests wait:
+    back-pressure), past the hard bound it is cut off as a slow consumer.
+    Replies, broadcasts, private messages and errors all pass through here,
+    so no kind of output can grow the server's memory without bound.
+    """
+
+    blocked = False
+    backlog = 0
+
+    def __init__(self, connection: ServedConnection) -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        # Called on every write while the buffer is over its size, not only
+        # when it fills: count from the first.
+        if not self.blocked:
+            self.blocked = True
+            self.backlog = 0
+
+    def resumeProducing(self) -> None:
+        self.blocked = False
+        self.backlog = 0
+        self.connection.outputDrained()
+
+    def stopProducing(self) -> None:
+        self.blocked = False
+
+
+#: Reasons a connection stops reading (see L{ServedConnection.pauseReading}).
+OUTPUT_BACKLOG = "output backlog"
+END_OF_INPUT = "end of input"
+CLOSING = "closing"
+
+
+@implementer(IHalfCloseableProtocol)
 class ServedConnection(Protocol):
     """
     The life of one served connection, logged as events, with connection
-    caps, an idle timeout and a partial-frame deadline.  Subclasses call
-    L{noteReceived} for every read and L{noteSent} for every write they make.
+    caps, an idle timeout, per-frame deadlines, and one bounded output path.
+
+    Subclasses call L{noteReceived} for every read, write only through
+    L{write}, and report frame progress with L{trackFrame}.
     """
 
     factory: ServerFactory
@@ -246,9 +355,17 @@ class ServedConnection(Protocol):
     peer = "?"
     group = ""
     meter: DataEventMeter
+    output: OutputAccount
     lastActivity = 0.0
-    #: When the frame now incomplete started (None: none is incomplete).
-    partialSince: float | None = None
+    #: The frame now incomplete: when its first byte arrived, when its
+    #: header was complete, how many payload bytes have arrived.
+    frameStarted: float | None = None
+    frameHeaderAt: float | None = None
+    framePayload = 0
+    #: Why reading is paused (empty: reading).
+    _readPauses: frozenset[str] = frozenset()
+    _closeTimer: IDelayedCall | None = None
+    _cutOff = False
 
     @property
     def log(self) -> Logger:
@@ -272,6 +389,7 @@ class ServedConnection(Protocol):
             factory.log, self.peer, clock, factory.dataEventsPerSecond
         )
         self.lastActivity = clock.seconds()
+        self.output = OutputAccount(self)
         refused = factory.admit(self, self.group)
         if refused is not None:
             self.log.warn(
@@ -285,18 +403,7 @@ class ServedConnection(Protocol):
         self.log.info(
             "client connected: {peer}", event=events.CLIENT_CONNECTED, peer=self.peer
         )
-        self.startFlowControl()
-
-    def startFlowControl(self) -> None:
-        """
-        Keep a peer that sends without reading from making us buffer
-        without bound: the transport is registered as its own producer, so
-        when its send buffer is full it stops reading (C{pauseProducing})
-        and reads again once the buffer has drained.  The peer's own sends
-        then wait, which is TCP flow control doing its job.  (An echo's
-        output is its input; a JSON service answers pipelined requests.)
-        """
-        self.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(self.output, True)
 
     @property
     def admitted(self) -> bool:
@@ -309,6 +416,8 @@ class ServedConnection(Protocol):
         """
         self.transport.abortConnection()
 
+    # -- reading -------------------------------------------------------------------
+
     def noteReceived(self, nbytes: int) -> float:
         """
         A read of C{nbytes} bytes: log it (or fold it) and reset idleness.
@@ -319,28 +428,194 @@ class ServedConnection(Protocol):
         self.meter.received(nbytes)
         return now
 
+    def trackFrame(self, now: float, held: int, continued: bool) -> None:
+        """
+        After a read: C{held} bytes of an incomplete frame (its header
+        included) are waiting for the rest; C{continued} says whether they
+        belong to the frame that was incomplete before the read.  Each new
+        frame gets its own deadlines (see L{checkDeadlines}).
+        """
+        if not held:
+            self.frameStarted = None
+            return
+        if not continued or self.frameStarted is None:
+            self.frameStarted = now
+            self.frameHeaderAt = now if held >= HEADER_SIZE else None
+        elif self.frameHeaderAt is None and held >= HEADER_SIZE:
+            self.frameHeaderAt = now
+        self.framePayload = max(0, held - HEADER_SIZE)
+
+    def pauseReading(self, reason: str) -> None:
+        """
+        Stop reading from the peer for C{reason} (TCP flow control then
+        makes the peer wait); reading resumes once every reason is gone.
+        """
+        if reason in self._readPauses:
+            return
+        if not self._readPauses and not self.transport.disconnecting:
+            self.transport.pauseProducing()
+        self._readPauses = self._readPauses | {reason}
+
+    def resumeReading(self, reason: str) -> None:
+        if reason not in self._readPauses:
+            return
+        self._readPauses = self._readPauses - {reason}
+        if not self._readPauses and not self.transport.disconnecting:
+            self.transport.resumeProducing()
+
+    def readingPausedFor(self, reason: str) -> bool:
+        return reason in self._readPauses
+
+    def readConnectionLost(self) -> None:
+        """
+        The peer half-closed: nothing more will arrive.  What did arrive is
+        still answered (L{endOfInput}); then the connection closes.
+        """
+        self._readPauses = self._readPauses | {END_OF_INPUT}
+        self.frameStarted = None
+        self.endOfInput()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The peer can no longer receive: nothing we could say would arrive.
+        """
+        self.transport.abortConnection()
+
+    def endOfInput(self) -> None:
+        """
+        Hook: the input has ended.  By default everything was answered as
+        it arrived, so the connection closes once its output is flushed.
+        """
+        self.transport.loseConnection()
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(self, data: bytes, now: float | None = None) -> None:
+        """
+        Write C{data}, through the output account: every byte a service
+        sends to a connection comes here.
+        """
+        if self.transport.disconnecting:
+            return
+        self.transport.write(data)
+        self.noteSent(len(data), now)
+        output = self.output
+        if output.blocked:
+            output.backlog += len(data)
+            factory = self.factory
+            if output.backlog > factory.maxSendQueue:
+                self.slowConsumer()
+            elif output.backlog >= factory.outputSoftBound:
+                self.pauseReading(OUTPUT_BACKLOG)
+
+    def writeSequence(self, parts: Sequence[bytes]) -> None:
+        """
+        L{write} for several pieces (a header and a large payload need
+        not be joined first).
+        """
+        if self.transport.disconnecting:
+            return
+        self.transport.writeSequence(parts)
+        size = sum(len(part) for part in parts)
+        self.noteSent(size)
+        output = self.output
+        if output.blocked:
+            output.backlog += size
+            factory = self.factory
+            if output.backlog > factory.maxSendQueue:
+                self.slowConsumer()
+            elif output.backlog >= factory.outputSoftBound:
+                self.pauseReading(OUTPUT_BACKLOG)
+
+    @property
+    def outputCongested(self) -> bool:
+        """
+        True while the connection's own requests must wait for its output.
+        """
+        return OUTPUT_BACKLOG in self._readPauses
+
+    def outputDrained(self) -> None:
+        """
+        Called by the output account when the transport's buffer emptied.
+        """
+        self.resumeReading(OUTPUT_BACKLOG)
+
     def noteSent(self, nbytes: int, now: float | None = None) -> None:
         """
         A write of C{nbytes} bytes: log it (or fold it).
         """
         self.meter.sent(nbytes, now)
 
+    def slowConsumer(self) -> None:
+        """
+        The peer has let more than C{--max-send-queue} bytes pile up behind
+        a full send buffer: cut it off (logged once), so its backlog, and
+        the server's memory, stay bounded while everyone else carries on.
+        """
+        if self._cutOff:
+            return
+        self._cutOff = True
+        self.log.warn(
+            "{peer} cannot keep up ({backlog} bytes waiting); disconnecting",
+            event=events.SLOW_CONSUMER,
+            peer=self.peer,
+            backlog=self.output.backlog,
+        )
+        self.transport.abortConnection()
+
+    def closeAfterFlush(self) -> None:
+        """
+        Close once what was written has been sent; abort if the peer does
+        not take it within the grace period (a peer that does not read).
+        """
+        self.pauseReading(CLOSING)
+        self.startCloseTimer()
+        self.transport.loseConnection()
+
+    def startCloseTimer(self) -> None:
+        """
+        Abort the connection C{CLOSE_GRACE_SECONDS} from now unless it has
+        closed by then.
+        """
+        if self._closeTimer is None:
+            clock = self.factory.clock
+            assert clock is not None
+            self._closeTimer = clock.callLater(
+                CLOSE_GRACE_SECONDS, self.transport.abortConnection
+            )
+
+    # -- deadlines -----------------------------------------------------------------
+
     def checkDeadlines(self, now: float) -> None:
         """
         Called by the factory's sweeper: close the connection if it has been
-        idle, or stuck in the middle of a frame, for too long.
+        idle too long, or if the frame now incomplete is overdue: its
+        header not complete within C{--header-timeout}, or its payload
+        arriving slower than C{--frame-min-rate} after C{--frame-timeout}
+        (Apache's C{mod_reqtimeout}: a deadline that grows with each byte).
         """
         if self.transport.disconnecting:
             return
         factory = self.factory
-        if factory.frameTimeout and self.partialSince is not None:
-            stuck = now - self.partialSince
-            if stuck >= factory.frameTimeout:
+        started = self.frameStarted
+        if started is not None:
+            headerAt = self.frameHeaderAt
+            deadline: float | None = None
+            if headerAt is None:
+                if factory.headerTimeout:
+                    deadline = started + factory.headerTimeout
+            elif factory.frameTimeout:
+                deadline = headerAt + factory.frameTimeout
+                if factory.frameMinRate:
+                    deadline += self.framePayload / factory.frameMinRate
+            if deadline is not None and now >= deadline:
                 self.log.info(
-                    "closing {peer}: a frame incomplete for {seconds:.0f} s",
+                    "closing {peer}: a frame incomplete for {seconds:.0f} s "
+                    "({received} bytes of it received)",
                     event=events.FRAME_TIMEOUT,
                     peer=self.peer,
-                    seconds=stuck,
+                    seconds=now - started,
+                    received=self.framePayload,
                 )
                 self.frameTimedOut()
                 return
@@ -364,9 +639,8 @@ class ServedConnection(Protocol):
 
     def frameTimedOut(self) -> None:
         """
-        Hook: a frame stayed incomplete past C{--frame-timeout} (a slow
-        sender, or slowloris).  The default aborts: the peer is not
-        cooperating, so nothing is waited for.
+        Hook: a frame is overdue (a slow sender, or slowloris).  The default
+        aborts: the peer is not cooperating, so nothing is waited for.
         """
         self.transport.abortConnection()
 
@@ -376,6 +650,8 @@ class ServedConnection(Protocol):
         """
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
         self.meter.close()
         if self.admitted:
             self.log.info(
@@ -397,18 +673,18 @@ class FramedServerProtocol(ServedConnection, FrameReceiver):
         ServedConnection.connectionMade(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.transport.disconnecting:
+        if self.transport.disconnecting or CLOSING in self._readPauses:
             return
         now = self.noteReceived(len(data))
+        before = self.bufferedByteCount()
         FrameReceiver.dataReceived(self, data)
-        if self._pending is None:
-            self.partialSince = None
-        elif self.partialSince is None:
-            self.partialSince = now
+        after = self.bufferedByteCount()
+        self.trackFrame(now, after, continued=before + len(data) == after)
 
     def sendString(self, string: bytes) -> None:
-        FrameReceiver.sendString(self, string)
-        self.noteSent(len(string) + 4)
+        if len(string) > MAX_FRAME:
+            raise StringTooLongError(f"{len(string)} bytes do not fit in one frame")
+        self.writeSequence((HEADER.pack(len(string)), string))
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.warn(
@@ -418,15 +694,19 @@ class FramedServerProtocol(ServedConnection, FrameReceiver):
             length=length,
             limit=self.MAX_LENGTH,
         )
+        # Nothing after the oversized header is ever read: its payload is
+        # not buffered, and what follows it is no longer framed.
+        self.pauseReading(CLOSING)
+        self.frameStarted = None
         self.frameTooLong(length)
 
     def frameTooLong(self, length: int) -> None:
         """
-        Hook: what to do about an oversized header.  The default aborts at
-        once: the payload is never buffered, and nothing queued for a peer
-        that may not read is waited for.
+        Hook: what to do about an oversized header, once everything before
+        it has been handled.  The default closes after what was already
+        answered has been sent (or the grace period ran out).
         """
-        self.transport.abortConnection()
+        self.closeAfterFlush()
 
 
 _POSITIONAL_PORT = re.compile(r"^(tcp6?|ssl):(\d+)(?=:|$)")
@@ -461,6 +741,10 @@ class NetlabService(service.Service):
     Runs one server: listens on an endpoint (moving to a free port when the
     requested one is taken, unless told not to), logs the life of the
     server as events, and on stop closes every connection.
+
+    It binds in L{privilegedStartService}, before twistd drops privileges
+    (C{--uid}), so a port below 1024 can be served as an unprivileged user;
+    a port that cannot be had fails the start with L{StartupFailed}.
     """
 
     log = Logger()
@@ -472,51 +756,52 @@ class NetlabService(service.Service):
         factory: ServerFactory,
         description: str,
         *,
+        reactor: Any,
         portFallback: bool = True,
         portFile: str | None = None,
         eventLog: str | None = None,
-        reactor: Any = None,
         closeTimeout: float = 3.0,
+        console: Console | None = None,
     ) -> None:
         self.setName(serviceName)
         self.factory = factory
         self.description = description
+        self.reactor = reactor
         self.portFallback = portFallback
         self.portFile = portFile
         self.eventLog = JSONEventLog(eventLog) if eventLog else None
         self.closeTimeout = closeTimeout
-        self._reactor = reactor
-        self.listening: defer.Deferred[IListeningPort] | None = None
+        self.console = console or Console(None)
 
-    @property
-    def reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
         if self.factory.clock is None:
             self.factory.clock = self.reactor
         if self.eventLog is not None:
             self.eventLog.start()
-        service.Service.startService(self)
         self.log.info(
             "{service} starting (pid {pid})",
             event=events.SERVER_STARTED,
             service=self.name,
             pid=os.getpid(),
         )
-        failures: list[Failure] = []
-        self.listening = self._listen()
-        self.listening.addErrback(failures.append)
-        if failures:
-            # TCP endpoints answer at once, before the reactor runs: fail
-            # the start itself so twistd exits non-zero with this message.
-            raise SystemExit(self._cannotListen(failures[0]))
-        if not self.listening.called:
-            self.listening.addErrback(self._failedLate)
+        outcome: list[Any] = []
+        self._listen().addBoth(outcome.append)
+        if not outcome:
+            # Every endpoint netlab documents (tcp, ssl, unix, systemd)
+            # listens at once; one that does not is not one we can vouch for.
+            raise StartupFailed(
+                f"{self.name}: {self.description} did not start listening at once"
+            )
+        if isinstance(outcome[0], Failure):
+            self.console.close()
+            raise StartupFailed(self._cannotListen(outcome[0]))
+        service.Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        service.Service.startService(self)
+        self.console.close()
 
     def _listen(self) -> defer.Deferred[Any]:
         d = serverFromString(self.reactor, self.description).listen(self.factory)
@@ -547,7 +832,7 @@ class NetlabService(service.Service):
                 port=number,
                 reason=_socketReason(fallbackFrom),
             )
-            _console(
+            self.console.say(
                 f"netlab: port {requested} is taken; {self.name} is serving on "
                 f"{interface} port {number} instead"
             )
@@ -572,12 +857,9 @@ class NetlabService(service.Service):
         self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
         return message
 
-    def _failedLate(self, failure: Failure) -> None:
-        self._cannotListen(failure)
-        self.reactor.stop()
-
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
+        self.console.close()
         self.log.info(
             "{service} stopping", event=events.SERVER_STOPPING, service=self.name
         )
@@ -636,20 +918,6 @@ def _writeAtomically(path: str, text: str) -> None:
     with open(temporary, "w", encoding="ascii") as f:
         f.write(text)
     os.replace(temporary, path)
-
-
-def _console(line: str) -> None:
-    """
-    Tell the person who started the server (twistd redirects C{sys.stderr}
-    into the log, so write to the original one; a daemon has none).
-    """
-    stream = sys.__stderr__
-    if stream is not None:
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # a detached daemon: the log has the same line
 
 
 def positiveInt(value: str) -> int:
@@ -718,12 +986,36 @@ class ServerOptions(usage.Options):
             nonNegativeFloat,
         ],
         [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "Close a connection whose frame header (4 bytes) is not complete "
+            "this many seconds after its first byte (0: never).",
+            nonNegativeFloat,
+        ],
+        [
             "frame-timeout",
             None,
             DEFAULT_FRAME_TIMEOUT,
-            "Close a connection whose frame stays incomplete this many seconds, "
-            "however slowly it trickles in (0: never).",
+            "Seconds a frame's payload may take, plus one second per "
+            "--frame-min-rate bytes received (0: never).",
             nonNegativeFloat,
+        ],
+        [
+            "frame-min-rate",
+            None,
+            DEFAULT_FRAME_MIN_RATE,
+            "Bytes per second a frame's payload must keep up past "
+            "--frame-timeout (0: no minimum rate).",
+            nonNegativeFloat,
+        ],
+        [
+            "max-send-queue",
+            None,
+            DEFAULT_MAX_SEND_QUEUE,
+            "Bytes a connection may let pile up unread behind a full send "
+            "buffer before it is disconnected as a slow consumer.",
+            positiveInt,
         ],
         [
             "max-connections",
@@ -777,7 +1069,10 @@ class ServerOptions(usage.Options):
             "clock": reactor,
             "maxLength": self["max-length"],
             "idleTimeout": self["idle-timeout"] or None,
+            "headerTimeout": self["header-timeout"] or None,
             "frameTimeout": self["frame-timeout"] or None,
+            "frameMinRate": self["frame-min-rate"] or None,
+            "maxSendQueue": self["max-send-queue"],
             "maxConnections": self["max-connections"] or None,
             "maxConnectionsPerAddress": self["max-connections-per-address"] or None,
             "dataEventsPerSecond": self["data-events-per-second"] or None,
@@ -793,9 +1088,11 @@ class ServerOptions(usage.Options):
             serviceName,
             factory,
             self["endpoint"],
+            reactor=factory.clock,
             portFallback=not self["no-port-fallback"],
             portFile=self["port-file"],
             eventLog=self["event-log"],
+            console=Console.ofStandardError(),
         )
 
 

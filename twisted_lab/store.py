@@ -29,6 +29,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_lab.startup import StartupFailed
+
 DEFAULT_PATH = "netlab.sqlite3"
 
 T = TypeVar("T")
@@ -88,7 +90,26 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
             """,
         ),
     ),
+    (
+        4,
+        (
+            # Sessions ended by logout or a password change, for every
+            # server sharing the file to end the connections that use them
+            # (see twisted_lab.sessions); kept an hour, read by position.
+            """
+            CREATE TABLE revocations (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                token_digest BLOB NOT NULL,
+                reason TEXT NOT NULL,
+                at REAL NOT NULL
+            )
+            """,
+        ),
+    ),
 )
+
+#: Seconds a revocation stays readable by other servers.
+REVOCATIONS_KEPT = 3600.0
 
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -159,6 +180,22 @@ class Store:
         self.migrations = migrations
         self.pool: adbapi.ConnectionPool | None = None
         self.version = 0
+
+    def prepare(self) -> None:
+        """
+        Create (mode 0600) and migrate the database file now, blocking:
+        called once as the server starts, before the reactor runs, so a
+        file that cannot be opened or has a newer schema stops the start
+        with a clear error instead of failing every request later.
+        """
+        if self.path != ":memory:":
+            createPrivateFile(self.path)
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            _configure(connection)
+            _inTransaction(connection, applyMigrations, (self.migrations,), {})
+        finally:
+            connection.close()
 
     async def open(self) -> Store:
         """
@@ -244,13 +281,19 @@ class Store:
         return self.transaction(_passwordHash, username)
 
     def setPasswordHash(
-        self, username: str, passwordHash: str, keepSession: bytes | None = None
+        self,
+        username: str,
+        passwordHash: str,
+        keepSession: bytes | None = None,
+        now: float = 0.0,
     ) -> defer.Deferred[None]:
         """
         Replace the hash of C{username}.  With C{keepSession}, every other
         session of the user is revoked in the same transaction.
         """
-        return self.transaction(_setPasswordHash, username, passwordHash, keepSession)
+        return self.transaction(
+            _setPasswordHash, username, passwordHash, keepSession, now
+        )
 
     def createSession(
         self, digest: bytes, username: str, now: float, idle: float, maximum: float
@@ -269,11 +312,43 @@ class Store:
         """
         return self.transaction(_useSession, digest, now, idle)
 
-    def deleteSession(self, digest: bytes) -> defer.Deferred[bool]:
+    def deleteSession(self, digest: bytes, now: float) -> defer.Deferred[bool]:
         """
-        Revoke one session; whether it existed.
+        Revoke one session (logout); whether it existed.
         """
-        return self.transaction(_deleteSession, digest)
+        return self.transaction(_deleteSession, digest, now)
+
+    def refreshSession(
+        self, digest: bytes, lastUsed: float, now: float, idle: float
+    ) -> defer.Deferred[float | None]:
+        """
+        A session held open by a connection that was last active at
+        C{lastUsed}: record that use, and return when the session now
+        expires, or None if it has expired or was revoked.
+        """
+        return self.transaction(_refreshSession, digest, lastUsed, now, idle)
+
+    def revocationsAfter(
+        self, position: int
+    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
+        """
+        The (position, digest, reason) of sessions revoked after
+        C{position}, oldest first, at most 1000 at a time.
+        """
+        return self.transaction(_revocationsAfter, position)
+
+    def lastRevocation(self) -> defer.Deferred[int]:
+        """
+        The position of the newest revocation: where a server that starts
+        now begins to read them.
+        """
+        return self.transaction(
+            lambda cursor: int(
+                cursor.execute(
+                    "SELECT COALESCE(MAX(id), 0) FROM revocations"
+                ).fetchone()[0]
+            )
+        )
 
     # -- chat -------------------------------------------------------------------
 
@@ -309,12 +384,13 @@ class Store:
         """
         return self.transaction(_recentHistory, room, limit)
 
-    def roomsWithHistory(self) -> defer.Deferred[list[str]]:
-        return self.transaction(
-            lambda c: [
-                r[0] for r in c.execute("SELECT DISTINCT room FROM chat_messages")
-            ]
-        )
+    def roomsWithHistory(self, limit: int) -> defer.Deferred[list[str]]:
+        """
+        The first C{limit} names (in order) of rooms that have history,
+        found by skipping from room to room along the primary key: the
+        cost grows with the number of rooms, not of messages.
+        """
+        return self.transaction(_roomsWithHistory, limit)
 
     def integrityCheck(self) -> defer.Deferred[str]:
         """
@@ -332,8 +408,9 @@ class StoreService(Service):
     L{twisted_lab.server.OrderedServices}, so it closes after them.
 
     A store that cannot be opened (a newer schema, an unreadable file) is
-    logged and stops the program: serving without a store would answer
-    every request with an error.
+    logged and fails the start (L{StartupFailed}: twistd exits non-zero,
+    in daemon mode too): serving without a store would answer every
+    request with an error.
     """
 
     log = Logger()
@@ -344,6 +421,18 @@ class StoreService(Service):
         self.opened: defer.Deferred[Store] | None = None
 
     def startService(self) -> None:
+        try:
+            self.store.prepare()
+        except (OSError, sqlite3.Error, RuntimeError) as e:
+            self.log.critical(
+                "cannot open the database {path}: {reason}",
+                event="store_failed",
+                path=self.store.path,
+                reason=str(e),
+            )
+            raise StartupFailed(
+                f"cannot open the database {self.store.path}: {e}"
+            ) from None
         Service.startService(self)
         self.opened = defer.ensureDeferred(self.store.open())
         self.opened.addErrback(self._cannotOpen)
@@ -429,17 +518,32 @@ def _passwordHash(cursor: sqlite3.Cursor, username: str) -> str | None:
 
 
 def _setPasswordHash(
-    cursor: sqlite3.Cursor, username: str, passwordHash: str, keep: bytes | None
+    cursor: sqlite3.Cursor,
+    username: str,
+    passwordHash: str,
+    keep: bytes | None,
+    now: float,
 ) -> None:
     cursor.execute(
         "UPDATE accounts SET password_hash = ? WHERE username = ?",
         (passwordHash, username),
     )
     if keep is not None:
+        _pruneRevocations(cursor, now)
+        cursor.execute(
+            "INSERT INTO revocations (token_digest, reason, at) "
+            "SELECT token_digest, 'password_changed', ? FROM sessions "
+            "WHERE username = ? AND token_digest != ?",
+            (now, username, keep),
+        )
         cursor.execute(
             "DELETE FROM sessions WHERE username = ? AND token_digest != ?",
             (username, keep),
         )
+
+
+def _pruneRevocations(cursor: sqlite3.Cursor, now: float) -> None:
+    cursor.execute("DELETE FROM revocations WHERE at < ?", (now - REVOCATIONS_KEPT,))
 
 
 def _createSession(
@@ -484,9 +588,50 @@ def _useSession(
     return str(username), min(expiresAt, now + idle)
 
 
-def _deleteSession(cursor: sqlite3.Cursor, digest: bytes) -> bool:
+def _deleteSession(cursor: sqlite3.Cursor, digest: bytes, now: float) -> bool:
     cursor.execute("DELETE FROM sessions WHERE token_digest = ?", (digest,))
-    return cursor.rowcount > 0
+    if cursor.rowcount == 0:
+        return False
+    _pruneRevocations(cursor, now)
+    cursor.execute(
+        "INSERT INTO revocations (token_digest, reason, at) "
+        "VALUES (?, 'logged_out', ?)",
+        (digest, now),
+    )
+    return True
+
+
+def _refreshSession(
+    cursor: sqlite3.Cursor, digest: bytes, lastUsed: float, now: float, idle: float
+) -> float | None:
+    row = cursor.execute(
+        "SELECT last_used, expires_at FROM sessions WHERE token_digest = ?",
+        (digest,),
+    ).fetchone()
+    if row is None:
+        return None
+    lastUsed = max(lastUsed, row[0])
+    expiresAt = row[1]
+    if now >= expiresAt or now - lastUsed >= idle:
+        cursor.execute("DELETE FROM sessions WHERE token_digest = ?", (digest,))
+        return None
+    cursor.execute(
+        "UPDATE sessions SET last_used = ? WHERE token_digest = ?", (lastUsed, digest)
+    )
+    return float(min(expiresAt, lastUsed + idle))
+
+
+def _revocationsAfter(
+    cursor: sqlite3.Cursor, position: int
+) -> list[tuple[int, bytes, str]]:
+    return [
+        (int(i), bytes(d), str(r))
+        for i, d, r in cursor.execute(
+            "SELECT id, token_digest, reason FROM revocations WHERE id > ? "
+            "ORDER BY id LIMIT 1000",
+            (position,),
+        )
+    ]
 
 
 def _lastSeq(cursor: sqlite3.Cursor, room: str) -> int:
@@ -526,3 +671,18 @@ def _recentHistory(
     ).fetchall()
     rows.reverse()
     return rows
+
+
+def _roomsWithHistory(cursor: sqlite3.Cursor, limit: int) -> list[str]:
+    return [
+        str(row[0])
+        for row in cursor.execute(
+            "WITH RECURSIVE rooms (room) AS ("
+            " SELECT MIN(room) FROM chat_messages"
+            " UNION ALL"
+            " SELECT (SELECT MIN(room) FROM chat_messages WHERE room > rooms.room)"
+            " FROM rooms WHERE rooms.room IS NOT NULL"
+            ") SELECT room FROM rooms WHERE room IS NOT NULL LIMIT ?",
+            (limit,),
+        )
+    ]
