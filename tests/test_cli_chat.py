@@ -511,3 +511,28 @@ class LivenessTests(SynchronousTestCase):
         h.send({"type": "history", "room": "dev", "messages": [], "id": history["id"]})
         self.assertTrue(h.session.isLive)
         self.assertEqual(h.asides.getvalue().count("connection lost"), 1)
+
+
+class StdinTests(SynchronousTestCase):
+    def test_readingPausesWhileManyLinesWait(self) -> None:
+        from twisted_lab.chatclient import StdinLines
+
+        h = Harness()
+        stdin = StdinLines(h.session)
+        transport = StringTransport()
+        stdin.makeConnection(transport)
+        stdin.dataReceived(b"".join(b"%d\n" % n for n in range(1000)))
+        self.assertEqual(transport.producerState, "paused")
+        defer.ensureDeferred(h.session.start())
+        h.handshake()
+        for seq in range(1, 901):
+            [say] = h.sent()
+            h.broadcast(seq, say["text"])
+        self.assertEqual(transport.producerState, "producing")
+        stdin.dataReceived(b"last without newline")
+        stdin.connectionLost()
+        for seq in range(901, 1002):
+            [say] = h.sent()
+            h.broadcast(seq, say["text"])
+        self.assertEqual(say["text"], "last without newline")
+        self.assertEqual(self.successResultOf(h.session.done), 0)

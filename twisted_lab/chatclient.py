@@ -855,17 +855,32 @@ def _seconds(value: Any) -> float:
 class StdinLines(LineReceiver):
     """
     Standard input (a pipe or a file), one line at a time, read to its end
-    through Twisted's stdio support.
+    through Twisted's stdio support.  Reading pauses while C{highWater}
+    lines wait, so a huge file does not pile up in memory.
     """
 
     delimiter = b"\n"
     MAX_LENGTH = 1 << 20
+    highWater = 1000
+    lowWater = 100
 
     def __init__(self, session: ChatSession) -> None:
         self.session = session
+        self.paused = False
+        session.onChange = self.queueChanged
 
     def lineReceived(self, line: bytes) -> None:
         self.session.typed(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def queueChanged(self) -> None:
+        waiting = self.session.pending
+        stdin: Any = self.transport  # an IProducer too (StandardIO)
+        if not self.paused and waiting >= self.highWater:
+            self.paused = True
+            stdin.pauseProducing()
+        elif self.paused and waiting <= self.lowWater:
+            self.paused = False
+            stdin.resumeProducing()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._buffer:  # a last line without its newline
