@@ -753,7 +753,7 @@ def resolveOptionsTarget(options: argparse.Namespace) -> None:
         options.host,
         options.port,
         DEFAULT_PORTS[options.command],
-        options.interactive,
+        getattr(options, "terminal", options.interactive),
     )
     options.tls = options.tls or options.cafile is not None
 
@@ -1085,7 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     options = buildParser().parse_args(argv)
     options.out = Output(options.json, options.quiet)
-    options.interactive = sys.stdin.isatty()
+    options.interactive = options.terminal = sys.stdin.isatty()
     if options.command == "echo" and options.message:
         options.interactive = False
     options.tls = options.tls or options.cafile is not None
