@@ -497,11 +497,6 @@ class ClientEndToEndTests(TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn(b"Hello, Ann!", out)
 
-    test_identityOverTLS.skip = (  # type: ignore[attr-defined]
-        "server side: since ae107ac netlab-identity's greeting, written before "
-        "the TLS handshake completes, often never reaches a TLS client (reported)"
-    )
-
     # -- errors -------------------------------------------------------------------
 
     @defer.inlineCallbacks
