@@ -49,8 +49,12 @@ class FallbackDescriptionTests(SynchronousTestCase):
         self.assertIsNone(fallbackDescription("unix:/tmp/sock"))
 
     def test_tcpDescription(self) -> None:
-        self.assertEqual(tcpDescription(1, "127.0.0.1"), "tcp:1:interface=127.0.0.1")
-        self.assertEqual(tcpDescription(1, "::1"), r"tcp6:1:interface=\:\:1")
+        self.assertEqual(
+            tcpDescription(1, "127.0.0.1"), "tcp:1:interface=127.0.0.1:backlog=1024"
+        )
+        self.assertEqual(
+            tcpDescription(1, "::1"), r"tcp6:1:interface=\:\:1:backlog=1024"
+        )
 
 
 class ServiceTests(TestCase):

@@ -517,14 +517,16 @@ class ChatProtocol(AuthProtocol):
                 }
             )
         )
+        now = self.factory.now()
         for mind in list(target.minds):
-            mind.deliver(frame)
-        self.log.info(
-            "{user} sent a private message to {to}",
-            event="private_sent",
-            user=user.username,
-            to=to,
-        )
+            mind.deliver(frame, now)
+        if self.factory.logBudget.admit("private_sent"):
+            self.log.info(
+                "{user} sent a private message to {to}",
+                event="private_sent",
+                user=user.username,
+                to=to,
+            )
         return {"type": "sent", "to": to}
 
     async def request_history(self, message: Message) -> Message:

@@ -53,6 +53,9 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_FRAME_TIMEOUT = 60.0
 DEFAULT_FRAME_MIN_RATE = 500.0
 DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
+#: Bytes all connections of a server together may leave unread before
+#: each stops being read as soon as its send buffer is full.
+DEFAULT_OUTPUT_BUDGET = 64 * 1024 * 1024
 #: How long a closing connection may take to flush what it was sent.
 CLOSE_GRACE_SECONDS = 5.0
 DEFAULT_MAX_CONNECTIONS = 20_000
@@ -121,6 +124,7 @@ class ServerFactory(Factory["ServedConnection"]):
         frameMinRate: float | None = DEFAULT_FRAME_MIN_RATE,
         maxSendQueue: int = DEFAULT_MAX_SEND_QUEUE,
         outputSoftBound: int = 0,
+        outputBudget: int = DEFAULT_OUTPUT_BUDGET,
         maxConnections: int | None = DEFAULT_MAX_CONNECTIONS,
         maxConnectionsPerAddress: int | None = DEFAULT_MAX_PER_ADDRESS,
         dataEventsPerSecond: int | None = events.DEFAULT_DATA_EVENTS_PER_SECOND,
@@ -136,6 +140,9 @@ class ServerFactory(Factory["ServedConnection"]):
         #: cut off as a slow consumer.
         self.outputSoftBound = outputSoftBound
         self.maxSendQueue = max(maxSendQueue, outputSoftBound)
+        #: The backlog of all connections together, and its soft budget.
+        self.totalBacklog = 0
+        self.outputBudget = outputBudget
         self.maxConnections = maxConnections
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
         self.dataEventsPerSecond = dataEventsPerSecond
@@ -318,20 +325,47 @@ class OutputAccount:
     def __init__(self, connection: ServedConnection) -> None:
         self.connection = connection
 
+    def wrote(self, size: int) -> None:
+        """
+        The connection wrote C{size} bytes: count them if they wait behind
+        a full buffer, and pause reading or cut the connection off past the
+        bounds.  The soft bound holds while the server's whole backlog is
+        within its budget; past it, every connection stops reading as soon
+        as its buffer is full (so many clients that each may leave one
+        large frame unread cannot add up to unbounded memory).
+        """
+        if not self.blocked:
+            return
+        self.backlog += size
+        factory = self.connection.factory
+        factory.totalBacklog += size
+        if self.backlog > factory.maxSendQueue:
+            self.connection.slowConsumer()
+        elif (
+            self.backlog >= factory.outputSoftBound
+            or factory.totalBacklog > factory.outputBudget
+        ):
+            self.connection.pauseReading(OUTPUT_BACKLOG)
+
+    def _forget(self) -> None:
+        self.connection.factory.totalBacklog -= self.backlog
+        self.backlog = 0
+
     def pauseProducing(self) -> None:
         # Called on every write while the buffer is over its size, not only
         # when it fills: count from the first.
         if not self.blocked:
             self.blocked = True
-            self.backlog = 0
+            self._forget()
 
     def resumeProducing(self) -> None:
         self.blocked = False
-        self.backlog = 0
+        self._forget()
         self.connection.outputDrained()
 
     def stopProducing(self) -> None:
         self.blocked = False
+        self._forget()
 
 
 #: Reasons a connection stops reading (see L{ServedConnection.pauseReading}).
@@ -499,14 +533,7 @@ class ServedConnection(Protocol):
             return
         self.transport.write(data)
         self.noteSent(len(data), now)
-        output = self.output
-        if output.blocked:
-            output.backlog += len(data)
-            factory = self.factory
-            if output.backlog > factory.maxSendQueue:
-                self.slowConsumer()
-            elif output.backlog >= factory.outputSoftBound:
-                self.pauseReading(OUTPUT_BACKLOG)
+        self.output.wrote(len(data))
 
     def writeSequence(self, parts: Sequence[bytes]) -> None:
         """
@@ -518,14 +545,7 @@ class ServedConnection(Protocol):
         self.transport.writeSequence(parts)
         size = sum(len(part) for part in parts)
         self.noteSent(size)
-        output = self.output
-        if output.blocked:
-            output.backlog += size
-            factory = self.factory
-            if output.backlog > factory.maxSendQueue:
-                self.slowConsumer()
-            elif output.backlog >= factory.outputSoftBound:
-                self.pauseReading(OUTPUT_BACKLOG)
+        self.output.wrote(size)
 
     @property
     def outputCongested(self) -> bool:
@@ -652,6 +672,7 @@ class ServedConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
+        self.output.stopProducing()
         self.meter.close()
         if self.admitted:
             self.log.info(
@@ -728,12 +749,20 @@ def fallbackDescription(description: str) -> str | None:
     return moved if count else None
 
 
+#: Connections the kernel queues before we accept them: Twisted's default
+#: (50) stalls a class of 200 connecting at once on SYN retransmits.
+LISTEN_BACKLOG = 1024
+
+
 def tcpDescription(port: int, interface: str) -> str:
     """
     The endpoint description for C{port} on C{interface} (IPv4 or IPv6).
     """
     kind = "tcp6" if ":" in interface else "tcp"
-    return f"{kind}:{port}:interface={quoteStringArgument(interface)}"
+    return (
+        f"{kind}:{port}:interface={quoteStringArgument(interface)}"
+        f":backlog={LISTEN_BACKLOG}"
+    )
 
 
 class NetlabService(service.Service):

@@ -1,0 +1,447 @@
+"""
+Unit tests for issue 9's mechanisms, on StringTransports and a Clock: the
+iterative request queue, the one bounded output path, order on an
+oversized frame and on half-close, ids on errors, out-of-range numbers,
+the log budget, and the session watch.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import EventRecorder, connectProtocol, frames, waitFor
+from tests.test_auth import AuthHarness, cheapHasher, run
+from tests.test_messages import Harness, SampleFactory, replies
+from twisted_lab import events
+from twisted_lab.events import LogBudget
+from twisted_lab.limits import RequestLimit
+from twisted_lab.messages import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
+from twisted_lab.server import CLOSE_GRACE_SECONDS
+from twisted_lab.sessionwatch import POLL_SECONDS, SessionWatch
+
+
+def request(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+class PipelineTests(Harness):
+    def test_hundredThousandBehindASlowOne(self) -> None:
+        """
+        100,000 requests pipelined behind one that waits are all answered,
+        in order, once it completes: the queue is drained by a loop (the old
+        drain recursed and broke past ~240).
+        """
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(frames(request(type="slow", id="first")))
+        protocol.dataReceived(
+            frames(*[request(type="ping", id=i) for i in range(100_000)])
+        )
+        self.assertEqual(replies(transport), [])
+        self.assertTrue(protocol.readingPausedFor("request queue full"))
+        protocol.pending.pop().callback({"type": "done"})
+        got = replies(transport)
+        self.assertEqual(got[0], {"type": "done", "id": "first"})
+        self.assertEqual([m["id"] for m in got[1:]], list(range(100_000)))
+        self.assertEqual({m["type"] for m in got[1:]}, {"pong"})
+        self.assertFalse(protocol.readingPausedFor("request queue full"))
+
+    def test_slowRequestsOneAfterAnother(self) -> None:
+        """
+        A request that waits in the middle of a pipeline holds back the
+        ones behind it (and nothing else); each completion goes on.
+        """
+        protocol, transport, _ = self.connect()
+        payloads = []
+        for i in range(300):
+            payloads.append(request(type="slow", id=f"s{i}"))
+            payloads.append(request(type="ping", id=i))
+        protocol.dataReceived(frames(*payloads))
+        for _ in range(300):
+            [pending] = protocol.pending
+            protocol.pending.clear()
+            pending.callback({"type": "done"})
+        ids = [m["id"] for m in replies(transport)]
+        expected = [x for i in range(300) for x in (f"s{i}", i)]
+        self.assertEqual(ids, expected)
+
+
+class BoundedOutputTests(Harness):
+    def connectBlocked(self, **settings):
+        protocol, transport, recorder = self.connect(**settings)
+        # What a real transport does when its send buffer passes its size.
+        protocol.output.pauseProducing()
+        return protocol, transport, recorder
+
+    def test_requestsWaitForTheirOutput(self) -> None:
+        """
+        A client that pipelines and does not read gets one reply written
+        past the full buffer; the rest of its requests wait, unread, until
+        the buffer drains.  Its output never grows with its pipeline.
+        """
+        protocol, transport, _ = self.connectBlocked()
+        pings = [request(type="ping", id=i) for i in range(1000)]
+        protocol.dataReceived(frames(*pings))
+        self.assertEqual(len(replies(transport)), 1)
+        self.assertTrue(protocol.outputCongested)
+        self.assertEqual(transport.producerState, "paused", "reading stopped")
+        protocol.output.resumeProducing()
+        got = replies(transport)
+        self.assertEqual([m["id"] for m in got], list(range(1000)))
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_slowConsumerPastTheHardBound(self) -> None:
+        """
+        Output the connection did not ask for (broadcasts) cannot be held
+        back: past --max-send-queue the connection is cut off, logged once.
+        """
+        protocol, transport, recorder = self.connectBlocked(maxSendQueue=10_000)
+        for _ in range(50):
+            protocol.write(b"x" * 1000)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(len(recorder.named(events.SLOW_CONSUMER)), 1)
+        self.assertLess(len(transport.value()), 12_000)
+
+    def test_echoHoldsOneWholeFrame(self) -> None:
+        """
+        The echo keeps reading until one maximum-length frame is waiting,
+        so a client that writes a whole frame before reading gets it back.
+        """
+        from twisted_lab.echo import EchoFactory
+
+        factory = EchoFactory(clock=Clock(), maxLength=100_000)
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.output.pauseProducing()
+        frame = frames(b"y" * 100_000)
+        for start in range(0, len(frame), 4096):
+            protocol.dataReceived(frame[start : start + 4096])
+        self.assertEqual(transport.value(), frame)
+        self.assertEqual(transport.producerState, "paused", "and no more")
+
+    def test_manyConnectionsShareABudget(self) -> None:
+        """
+        Past the server's output budget, every connection stops reading as
+        soon as its own buffer is full: many clients that each leave a
+        large frame unread cannot add up without bound.
+        """
+        from twisted_lab.echo import EchoFactory
+
+        factory = EchoFactory(clock=Clock(), maxLength=100_000, outputBudget=250_000)
+        transports = []
+        for port in range(10):
+            protocol, transport, _ = connectProtocol(factory, port=20000 + port)
+            protocol.output.pauseProducing()
+            protocol.dataReceived(frames(b"z" * 60_000))
+            transports.append(transport)
+        paused = [t.producerState == "paused" for t in transports]
+        self.assertEqual(paused[:4], [False] * 4, "within the budget")
+        self.assertEqual(paused[5:], [True] * 5, "past it")
+        # Each paused connection holds at most the one read it was handling.
+        self.assertEqual(factory.totalBacklog, 10 * 60_004)
+
+
+class OrderTests(Harness):
+    def test_oversizedFrameAfterRequests(self) -> None:
+        """
+        Requests that arrived before an oversized header are answered, in
+        order (even one still in flight), then frame_too_long, then the
+        connection closes; it is aborted only after the grace period.
+        """
+        protocol, transport, _ = self.connect(maxLength=1000)
+        protocol.dataReceived(
+            frames(request(type="slow", id="s"), request(type="ping", id=1))
+            + b"\x00\x10\x00\x00"
+        )
+        self.assertFalse(transport.disconnecting)
+        protocol.pending.pop().callback({"type": "done"})
+        got = replies(transport)
+        self.assertEqual([m.get("id") for m in got], ["s", 1, None])
+        self.assertEqual(got[-1]["code"], "frame_too_long")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertTrue(transport.disconnected)
+
+    def test_halfCloseAnswersEverythingThenCloses(self) -> None:
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(
+            frames(request(type="slow", id="s"), request(type="ping", id=1))
+        )
+        protocol.readConnectionLost()
+        self.assertFalse(transport.disconnecting, "still answering")
+        protocol.pending.pop().callback({"type": "done"})
+        self.assertEqual([m["id"] for m in replies(transport)], ["s", 1])
+        self.assertTrue(transport.disconnecting)
+
+    def test_errorsCarryAValidId(self) -> None:
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(
+            frames(request(id=7), request(id=8, type=3), request(id=True))
+        )
+        got = replies(transport)
+        self.assertEqual([m["code"] for m in got], ["bad_request"] * 3)
+        self.assertEqual([m.get("id") for m in got], [7, 8, None])
+
+
+class MalformedBudgetTests(Harness):
+    def test_outOfRangeNumbersAreBadRequests(self) -> None:
+        """
+        An integer outside 64 bits is bad_request (never an internal
+        error) and counts toward the malformed budget.
+        """
+        protocol, transport, recorder = self.connect()
+        huge = 99999999999999999999
+        protocol.dataReceived(
+            frames(
+                *[request(type="count", n=huge, id=i) for i in range(50)],
+                request(type="count", n=1, id=-(2**64)),
+            )
+        )
+        got = replies(transport)
+        self.assertEqual(len(got), MAX_CONSECUTIVE_ERRORS + 1)
+        self.assertEqual({m["code"] for m in got}, {"bad_request"})
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(recorder.named(events.INTERNAL_ERROR), [])
+
+    def test_repeatedInternalErrorsAreLoggedWithinABudget(self) -> None:
+        protocol, transport, recorder = self.connect()
+        protocol.dataReceived(frames(*[request(type="boom") for _ in range(500)]))
+        self.assertEqual(
+            [m["code"] for m in replies(transport)], ["internal_error"] * 500
+        )
+        self.assertEqual(len(recorder.named(events.INTERNAL_ERROR)), 20)
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.clock.advance(60)
+        protocol.factory.logBudget.tick()
+        [summary] = recorder.named(events.EVENTS_SUPPRESSED)
+        self.assertEqual(
+            (summary["suppressed"], summary["count"]), (events.INTERNAL_ERROR, 480)
+        )
+
+
+class RateTests(SynchronousTestCase):
+    def test_everyKindDrawsFromItsBucket(self) -> None:
+        factory = SampleFactory(clock=Clock())
+        factory.requestLimits["ping"] = RequestLimit(rate=1.0, burst=3, perUser=False)
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.dataReceived(frames(*[request(type="ping", id=i) for i in range(5)]))
+        got = replies(transport)
+        self.assertEqual([m["type"] for m in got], ["pong"] * 3 + ["error"] * 2)
+        self.assertEqual(got[3]["retry_after"], 1)
+        factory.clock.advance(1)
+        protocol.dataReceived(frames(request(type="ping")))
+        self.assertEqual(replies(transport)[-1], {"type": "pong"})
+
+    def test_logBudgetFoldsAFlood(self) -> None:
+        clock = Clock()
+        recorder = EventRecorder()
+        budget = LogBudget(recorder.logger, clock, limit=3, interval=10)
+        admitted = [budget.admit("rate_limited") for _ in range(100)]
+        self.assertEqual(admitted.count(True), 3)
+        clock.advance(10)
+        self.assertTrue(budget.admit("rate_limited"), "a new interval")
+        [summary] = recorder.named(events.EVENTS_SUPPRESSED)
+        self.assertEqual(summary["count"], 97)
+
+
+class FakeSessionStore:
+    def __init__(self) -> None:
+        self.revocations: list[tuple[int, bytes, str]] = []
+        self.expiries: dict[bytes, float] = {}
+
+    def revocationsAfter(self, position: int):
+        return defer.succeed([r for r in self.revocations if r[0] > position])
+
+    def lastRevocation(self):
+        return defer.succeed(self.revocations[-1][0] if self.revocations else 0)
+
+    def refreshSession(self, digest, lastUsed, now, idle):
+        expires = self.expiries.get(digest)
+        return defer.succeed(None if expires is None or now >= expires else expires)
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def sessionEnded(self, code: str, reason: str) -> None:
+        self.ended.append((code, reason))
+
+
+class SessionWatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = FakeSessionStore()
+        self.watch = SessionWatch(self.store, self.clock, idle=3600)
+
+    def test_revokedElsewhereWithinAPoll(self) -> None:
+        a, b = Holder(), Holder()
+        self.store.expiries = {b"A": 1e9, b"B": 1e9}
+        self.watch.hold(a, b"A", 1e9, "alice")
+        self.watch.hold(b, b"B", 1e9, "bob")
+        self.clock.advance(POLL_SECONDS)
+        self.store.revocations.append((1, b"A", "logged_out"))
+        self.clock.advance(POLL_SECONDS)
+        self.assertEqual(a.ended, [("session_revoked", "the session was logged out")])
+        self.assertEqual(b.ended, [])
+
+    def test_revokedHereAtOnce(self) -> None:
+        a, same = Holder(), Holder()
+        self.watch.hold(a, b"A", 1e9, "alice")
+        self.watch.hold(same, b"A", 1e9, "alice")
+        self.watch.revoked(b"A", "logged_out", exclude=a)
+        self.assertEqual(a.ended, [])
+        self.assertEqual(
+            same.ended, [("session_revoked", "the session was logged out")]
+        )
+
+    def test_expiryReachesTheHolder(self) -> None:
+        a = Holder()
+        self.store.expiries = {b"A": 2.0}
+        self.watch.hold(a, b"A", 2.0, "alice")
+        self.clock.advance(POLL_SECONDS)
+        self.assertEqual(a.ended, [])
+        for _ in range(4):
+            self.clock.advance(POLL_SECONDS)
+        self.assertEqual([code for code, _ in a.ended], ["session_expired"])
+
+    def test_noTimerWhileNothingIsHeld(self) -> None:
+        a = Holder()
+        self.watch.hold(a, b"A", 1e9, "alice")
+        self.watch.release(a)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_digestsOfAUser(self) -> None:
+        self.watch.hold(Holder(), b"A", 1e9, "alice")
+        self.watch.hold(Holder(), b"B", 1e9, "alice")
+        self.watch.hold(Holder(), b"C", 1e9, "bob")
+        self.assertEqual(self.watch.digestsOf("alice"), {b"A", b"B"})
+
+
+class QueueBoundTests(Harness):
+    def test_readingPausesWhileTheQueueIsLong(self) -> None:
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(frames(request(type="slow")))
+        protocol.dataReceived(
+            frames(*[request(type="ping") for _ in range(MAX_QUEUED_REQUESTS)])
+        )
+        self.assertEqual(transport.producerState, "paused")
+
+
+class CountingHasher:
+    """
+    A hasher whose checks never finish until told: counts how many
+    password checks were started.
+    """
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.checks: list[defer.Deferred] = []
+
+    def hash(self, password):
+        return self.real.hash(password)
+
+    def verify(self, password, stored):
+        d: defer.Deferred = defer.Deferred()
+        self.checks.append(d)
+        return d
+
+    def stop(self) -> None:
+        self.real.stop()
+
+
+class PasswordThrottleTests(AuthHarness):
+    @run
+    async def test_concurrentGuessesCountAsTheyArrive(self):
+        """
+        300 wrong logins for one account sent at once, over 300
+        connections: 6 hashes start (5 free failures and the one that
+        starts the back-off), the other 294 are refused without a hash.
+        """
+        hasher = CountingHasher(cheapHasher())
+        factory = await self.makeFactory(hasher=hasher)
+        guesses = [self.connect(factory, "127.0.0.9") for _ in range(300)]
+        for protocol, _ in guesses:
+            protocol.dataReceived(
+                frames(request(type="login", username="alice", password="guess-1"))
+            )
+        await waitFor(
+            lambda: sum(len(replies(t)) for _, t in guesses) == 294
+            and len(hasher.checks) == 6,
+            what="294 refusals and 6 checks",
+        )
+        refused = [m for _, t in guesses for m in replies(t)]
+        self.assertEqual({m["code"] for m in refused}, {"rate_limited"})
+        for check in hasher.checks:
+            check.callback((False, None))
+        answered = [m for _, t in guesses for m in replies(t)]
+        self.assertEqual(
+            sorted(m["code"] for m in answered),
+            ["bad_credentials"] * 6 + ["rate_limited"] * 294,
+        )
+        self.assertEqual(len(hasher.checks), 6, "no hash after the refusals")
+
+    @run
+    async def test_changePasswordSharesTheThrottle(self):
+        """
+        A wrong old password counts like a wrong login: one throttle per
+        account for every request that checks a password.
+        """
+        factory = await self.makeFactory()
+        connection, _ = await self.registerAndLogin(factory)
+        wrongLogin = {"type": "login", "username": "alice", "password": "wrong-pw1"}
+        guesser = self.connect(factory, "127.0.0.5")
+        got = await self.ask(guesser, *[wrongLogin] * 5)
+        self.assertEqual([m["code"] for m in got], ["bad_credentials"] * 5)
+        wrongChange = {"type": "change_password", "old": "wrong-pw1", "new": "pass-two"}
+        got = await self.ask(connection, wrongChange, wrongChange)
+        self.assertEqual(
+            [m["code"] for m in got], ["bad_credentials", "rate_limited"]
+        )
+        login = await self.one(
+            self.connect(factory, "127.0.0.5"),
+            {"type": "login", "username": "alice", "password": "password1"},
+        )
+        self.assertEqual(login["code"], "rate_limited")
+
+
+class LiveSessionTests(AuthHarness):
+    @run
+    async def test_logoutReachesTheOtherConnectionsAtOnce(self):
+        factory = await self.makeFactory()
+        first, session = await self.registerAndLogin(factory)
+        second = self.connect(factory, "127.0.0.6")
+        resumed = await self.one(second, {"type": "resume", "token": session["token"]})
+        self.assertEqual(resumed["type"], "session")
+        loggedOut = await self.one(first, {"type": "logout"})
+        self.assertEqual(loggedOut["type"], "logged_out")
+        [told] = replies(second[1])[1:]
+        self.assertEqual(told["code"], "session_revoked")
+        self.assertIsNone(second[0].account)
+        whoami = await self.one(second, {"type": "whoami"})
+        self.assertEqual(whoami["code"], "not_authenticated")
+
+    @run
+    async def test_passwordChangeRevokesTheOthers(self):
+        factory = await self.makeFactory()
+        first, session = await self.registerAndLogin(factory)
+        other = await self.one(
+            self.connect(factory, "127.0.0.7"),
+            {"type": "login", "username": "alice", "password": "password1"},
+        )
+        second = self.connect(factory, "127.0.0.6")
+        await self.one(second, {"type": "resume", "token": other["token"]})
+        changed = await self.one(
+            first,
+            {"type": "change_password", "old": "password1", "new": "password2"},
+        )
+        self.assertEqual(changed["type"], "password_changed")
+        [told] = replies(second[1])[1:]
+        self.assertEqual(told["code"], "session_revoked")
+        self.assertIn("password", told["message"])
+        self.assertEqual(
+            (await self.one(first, {"type": "whoami"}))["type"], "identity"
+        )
