@@ -536,3 +536,27 @@ class StdinTests(SynchronousTestCase):
             h.broadcast(seq, say["text"])
         self.assertEqual(say["text"], "last without newline")
         self.assertEqual(self.successResultOf(h.session.done), 0)
+
+
+class RobustnessTests(SynchronousTestCase):
+    def test_aBugInOneLineDoesNotStopTheQueue(self) -> None:
+        h = Harness()
+        defer.ensureDeferred(h.session.start())
+        h.handshake()
+        original = h.session.command
+
+        async def command(client: MessageClient, line: str) -> None:
+            if line == "boom":
+                raise ZeroDivisionError("a bug")
+            await original(client, line)
+
+        h.session.command = command  # type: ignore[method-assign]
+        h.session.typed("boom")
+        h.session.typed("after")
+        h.session.inputEnded()
+        [say] = h.sent()
+        self.assertEqual(say["text"], "after")
+        h.broadcast(1, "after")
+        self.assertEqual(self.successResultOf(h.session.done), 1)
+        self.assertIn("a bug in netlab", h.asides.getvalue())
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

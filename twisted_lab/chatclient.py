@@ -481,7 +481,9 @@ class ChatSession:
         ):
             self.end(SessionEnded("the session is no longer valid: log in again", 5))
             return
-        defer.ensureDeferred(self.reconnect())
+        defer.ensureDeferred(self.reconnect()).addErrback(
+            lambda f: log.failure("reconnecting failed", f)
+        )
 
     async def reconnect(self) -> None:
         """
@@ -626,7 +628,9 @@ class ChatSession:
                 self.finish()
             return
         self._working = True
-        defer.ensureDeferred(self._work())
+        defer.ensureDeferred(self._work()).addErrback(
+            lambda f: log.failure("the line queue failed", f)
+        )
 
     async def _work(self) -> None:
         try:
@@ -636,6 +640,10 @@ class ChatSession:
                     await self._carryOut(line)
                 except defer.CancelledError:
                     return
+                except Exception:  # noqa: BLE001 - a bug must not stop the queue
+                    log.failure("carrying out a line failed")
+                    self.refused += 1
+                    self.view.problem("that line failed (a bug in netlab); going on")
                 self._queue.popleft()
                 self.onChange()
         finally:
