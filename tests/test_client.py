@@ -156,3 +156,69 @@ class FailureMessageTests(SynchronousTestCase):
         )
         self.assertIn("connection lost", self.message(ConnectionLost("reset")))
         self.assertIsNone(self.message(ZeroDivisionError("a bug")))
+
+    def test_tlsErrorsAreReadable(self) -> None:
+        from OpenSSL.SSL import Error as SSLError
+
+        raw = SSLError([("SSL routines", "", "certificate verify failed")])
+        message = self.message(raw)
+        self.assertEqual(
+            message,
+            "TLS failed: certificate verify failed (the server's certificate is "
+            "not trusted: give its CA with --cafile)",
+        )
+        self.assertNotIn("SSL routines", message)
+
+    def test_exitCodes(self) -> None:
+        import argparse
+
+        from twisted.internet import error
+
+        from twisted_lab.cli import failureMessage
+        from twisted_lab.client import ClosedByServer, ServerError, ServerSpeaksTLS
+
+        def code(e: Exception) -> int:
+            abort = failureMessage(e, argparse.Namespace(host="h", port=1))
+            assert abort is not None
+            return abort.code
+
+        self.assertEqual(code(ServerError({"code": "bad_credentials"})), 1)
+        self.assertEqual(code(ServerError({"code": "some_future_code"})), 1)
+        for session in ("invalid_token", "session_revoked", "session_expired"):
+            self.assertEqual(code(ServerError({"code": session})), 5)
+        self.assertEqual(code(error.ConnectionRefusedError()), 3)
+        self.assertEqual(code(error.DNSLookupError("x")), 3)
+        self.assertEqual(code(ServerSpeaksTLS("h:1 speaks TLS")), 3)
+        self.assertEqual(code(ClosedByServer("idle_timeout", "idle")), 4)
+        self.assertEqual(code(ConnectionLost("reset")), 4)
+        self.assertEqual(
+            self.message(ClosedByServer("server_shutdown", "stopping")),
+            "the server closed the connection: server_shutdown: stopping",
+        )
+
+
+class TLSDetectionTests(SynchronousTestCase):
+    def test_aTLSAnswerToAPlainClientSaysSo(self) -> None:
+        from twisted_lab.client import MessageClient, ServerSpeaksTLS
+
+        client = MessageClient()
+        client.makeConnection(StringTransport())
+        d = client.call({"type": "ping"})
+        client.dataReceived(b"\x15\x03\x03\x00\x02\x02\x46")  # a TLS alert
+        self.assertTrue(client.transport.disconnecting)
+        client.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(d, ServerSpeaksTLS)
+        self.assertIn("speaks TLS: connect with --tls", str(failure.value))
+
+    def test_closingErrorIsTheReason(self) -> None:
+        from twisted_lab.client import ClosedByServer, MessageClient
+
+        client = MessageClient()
+        client.makeConnection(StringTransport())
+        d = client.call({"type": "ping"})
+        client.dataReceived(
+            frames(b'{"type":"error","code":"idle_timeout","message":"idle"}')
+        )
+        client.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(d, ClosedByServer)
+        self.assertEqual(failure.value.code, "idle_timeout")
