@@ -140,7 +140,7 @@ class EchoEndToEndTests(TestCase):
             yield defer.ensureDeferred(server.start())
         self.assertIn("exited early", str(raised.exception))
         self.assertNotEqual(server.process.returncode, 0)
-        self.assertIn(f"cannot listen on tcp:{busy}", server.log())
+        self.assertIn(f"cannot listen on port {busy}", server.log())
         self.assertIn("--no-port-fallback", server.log())
 
     @defer.inlineCallbacks

@@ -877,12 +877,15 @@ class NetlabService(service.Service):
         return port
 
     def _cannotListen(self, failure: Failure) -> str:
+        # The reason first: twistd's daemon mode passes only the first 100
+        # bytes of this to the person waiting for the start.
+        port = getattr(failure.value, "port", None)
+        where = f"port {port}" if port is not None else self.description
         message = (
-            f"{self.name}: cannot listen on {self.description}: "
-            f"{_socketReason(failure)}"
+            f"{self.name}: {_socketReason(failure)}: cannot listen on {where}"
         )
         if failure.check(CannotListenError) and not self.portFallback:
-            message += " (and --no-port-fallback was given)"
+            message += " (--no-port-fallback)"
         self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
         return message
 
