@@ -543,6 +543,18 @@ class ClientEndToEndTests(TestCase):
         )
         self.assertEqual(code, 2, "no --user without a terminal")
         self.assertOneLine(err)
+        out, err, code = yield self.netlab(
+            "echo",
+            "-q",
+            "--cafile",
+            str(self.workdir / "missing.pem"),
+            "--port",
+            str(echo6.port),
+            "x",
+        )
+        self.assertEqual(code, 2)
+        self.assertOneLine(err)
+        self.assertIn(b"cannot read", err)
         out, err, code = yield self.netlab("--version")
         self.assertEqual((out.strip(), code), (b"netlab 0.1.0", 0))
 

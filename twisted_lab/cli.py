@@ -529,7 +529,11 @@ def failureMessage(e: BaseException, options: argparse.Namespace) -> Abort | Non
         reason = _firstLine(str(e))
         return Abort(f"connection lost: {reason}", code=EXIT_LOST)
     if isinstance(e, OSError):  # an unreadable --cafile, for instance
-        return Abort(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        if e.filename is not None:
+            return Abort(
+                f"cannot read {e.filename}: {e.strerror or e}", code=EXIT_USAGE
+            )
+        return Abort(str(e), code=EXIT_USAGE)
     if isinstance(e, defer.CancelledError):
         return Abort("interrupted", code=EXIT_INTERRUPTED)
     return None
@@ -1107,6 +1111,11 @@ def _main(options: argparse.Namespace) -> int:
     except Abort as e:
         out.failed(e)
         return e.code
+    except OSError as e:  # an unreadable CA file, a config directory
+        abort = failureMessage(e, options)
+        assert abort is not None
+        out.failed(abort)
+        return abort.code
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
