@@ -122,6 +122,63 @@ class PromptTests(SynchronousTestCase):
         self.assertEqual(raised.exception.code, 2)
 
 
+class PasswordPromptTests(SynchronousTestCase):
+    def answers(self, *replies: str):
+        queue = list(replies)
+        asked: list[str] = []
+
+        def ask(question: str) -> str:
+            asked.append(question)
+            if not queue:
+                raise EOFError
+            return queue.pop(0)
+
+        return ask, asked
+
+    def test_noEmptyBrackets(self) -> None:
+        from twisted_lab.cli import askUntilValid
+
+        ask, asked = self.answers("alice")
+        self.assertEqual(askUntilValid("Username", "", str.strip, ask), "alice")
+        self.assertEqual(asked, ["Username: "])
+
+    def test_newPasswordAskedTwiceUntilBothAgreeAndItIsLongEnough(self) -> None:
+        from twisted_lab.cli import askNewPassword
+
+        ask, asked = self.answers(
+            "short", "long enough", "typo here", "long enough", "long enough"
+        )
+        out = io.StringIO()
+        self.assertEqual(askNewPassword(ask, out), "long enough")
+        self.assertEqual(
+            asked,
+            [
+                "New password: ",
+                "New password: ",
+                "New password (again): ",
+                "New password: ",
+                "New password (again): ",
+            ],
+        )
+        self.assertIn("at least 8 characters", out.getvalue())
+        self.assertIn("the passwords differ", out.getvalue())
+
+    def test_endOfInputAtAPasswordPrompt(self) -> None:
+        from twisted_lab.cli import askNewPassword
+
+        ask, _ = self.answers()
+        with self.assertRaises(Abort) as raised:
+            askNewPassword(ask, io.StringIO())
+        self.assertEqual(raised.exception.code, 2)
+
+    def test_passwordRules(self) -> None:
+        from twisted_lab.cli import passwordProblem
+
+        self.assertIsNone(passwordProblem("12345678"))
+        self.assertIsNotNone(passwordProblem("1234567"))
+        self.assertIsNotNone(passwordProblem("é" * 513))  # 1026 bytes
+
+
 class FailureMessageTests(SynchronousTestCase):
     """
     Every command turns the usual failures into one line, and only those.

@@ -1193,10 +1193,3 @@ def _restoreTerminal(saved: Any) -> None:
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
     except OSError:
         pass
-
-
-def environmentWantsColour(stream: TextIO) -> bool:
-    """
-    Colours only on a terminal, and never with C{NO_COLOR} set.
-    """
-    return stream.isatty() and not os.environ.get("NO_COLOR")
