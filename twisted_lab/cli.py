@@ -958,6 +958,19 @@ async def runChat(reactor: Any, options: argparse.Namespace) -> int:
 # -- argument parsing and main ----------------------------------------------
 
 
+def version() -> str:
+    """
+    netlab's version: the installed distribution's, else the package's.
+    """
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("twisted-lab")
+    except PackageNotFoundError:
+        return __version__
+
+
 def buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netlab",
@@ -965,7 +978,7 @@ def buildParser() -> argparse.ArgumentParser:
         epilog="exit status: "
         + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
     )
-    parser.add_argument("--version", action="version", version=f"netlab {__version__}")
+    parser.add_argument("--version", action="version", version=f"netlab {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser, service: str) -> None:
