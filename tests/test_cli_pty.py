@@ -166,6 +166,7 @@ class PseudoTerminalTests(TestCase):
         bob = FramedSocket.connect_to("127.0.0.1", port)
         self.addCleanup(bob.close)
         call(bob, {"type": "login", "username": "bob", "password": "password1"})
+        call(bob, {"type": "join", "room": "random"})
         call(bob, {"type": "join", "room": "dev"})
 
         t = self.terminal(
@@ -232,6 +233,11 @@ class PseudoTerminalTests(TestCase):
         yield defer.ensureDeferred(chat.start())
         t.wait(r"reconnected", timeout=40, since=since)
         t.wait(r"#dev <alice> typed while away", since=since)
+
+        # Rooms that exist complete too, not only the ones joined.
+        t.send("/join ra\t")
+        t.wait(r"/join random$")
+        t.send("\x15")  # Ctrl-U: the line is cleared, nothing sent
 
         t.send("\x03")  # Ctrl-C: 130, quietly
         self.assertEqual(t.exitStatus(), 130)

@@ -272,6 +272,8 @@ class ChatSession:
     #: long a ping may go unanswered before the connection counts as dead.
     keepaliveInterval = 60.0
     keepaliveTimeout = 20.0
+    #: Ask which rooms exist on connecting, for completion (the terminal UI).
+    learnRooms = False
 
     def __init__(
         self,
@@ -373,6 +375,8 @@ class ChatSession:
             await self.join(room, switch=False)
         if self.current is None and self.rooms:
             self.current = self.rooms[0]
+        if self.learnRooms:
+            await self._learnRooms(client)
         self._settleInFlight()
         self._live = True
         self._scheduleKeepalive()
@@ -381,6 +385,21 @@ class ChatSession:
         for waiter in waiters:
             waiter.callback(None)
         self._pump()
+
+    async def _learnRooms(self, client: MessageClient) -> None:
+        """
+        The rooms that exist, for completion (best effort).
+        """
+        try:
+            reply = await client.call({"type": "rooms"})
+        except ServerError:
+            return
+        rooms = reply.get("rooms", [])
+        self.knownRooms.update(
+            r["room"]
+            for r in rooms
+            if isinstance(r, dict) and isinstance(r.get("room"), str)
+        )
 
     async def join(self, room: str, switch: bool = True) -> None:
         assert self.client is not None
@@ -954,6 +973,7 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
         maxAttempts=None if terminal else 5,
         onToken=saveToken,
     )
+    session.learnRooms = terminal
     try:
         if options.tail is not None:
             session.current = None
