@@ -132,8 +132,9 @@ def startServer(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 def run(options: argparse.Namespace, port: int) -> None:
     names = [f"member{i}" for i in range(options.members)]
     senderNames = [f"sender{i}" for i in range(SENDERS)]
-    with FramedSocket.connect_to("127.0.0.1", port) as s:
-        for name in names + senderNames:
+    # One connection per registration: a connection may register 5 at once.
+    for name in names + senderNames:
+        with FramedSocket.connect_to("127.0.0.1", port) as s:
             call(s, {"type": "register", "username": name, "password": PASSWORD})
 
     selector = selectors.DefaultSelector()

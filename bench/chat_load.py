@@ -129,8 +129,9 @@ def main() -> None:
         port = int(portFile.read_text())
         selector = selectors.DefaultSelector()
         clients: list[Client] = []
-        with FramedSocket.connect_to("127.0.0.1", port) as s:
-            for i in range(options.clients):
+        # One connection per registration: a connection may register 5 at once.
+        for i in range(options.clients):
+            with FramedSocket.connect_to("127.0.0.1", port) as s:
                 s.send_json(
                     {"type": "register", "username": f"load{i}", "password": PASSWORD}
                 )
