@@ -307,6 +307,7 @@ class MessageProtocol(FramedServerProtocol):
     limits: ClassVar[dict[str, RequestLimit]] = {}
 
     _errorsInARow = 0
+    _serial = 0
     _busy = False
     _draining = False
     _queue: deque[bytes | _CloseWith | _Work] | None = None
@@ -414,10 +415,9 @@ class MessageProtocol(FramedServerProtocol):
         A number no other connection of this process has had (unlike
         C{id(self)}, never reused), for per-connection buckets.
         """
-        serial = self.__dict__.get("_serial")
-        if serial is None:
-            serial = self.__dict__["_serial"] = next(_serials)
-        return int(serial)
+        if not self._serial:
+            self._serial = next(_serials)
+        return self._serial
 
     def rateKey(self) -> str | None:
         """
