@@ -22,7 +22,9 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 from passlib.context import CryptContext
@@ -142,6 +144,9 @@ class PasswordHasher:
         self._pool: ThreadPool | None = None
         self._niced = threading.local()
         self._dummy: str | None = None
+        #: Called in the hashing thread with the seconds each hash took
+        #: (for --metrics; it must be thread-safe).
+        self.onHashed: Callable[[float], object] | None = None
 
     def _threadPool(self) -> tuple[Any, ThreadPool]:
         if self._reactor is None:
@@ -169,7 +174,13 @@ class PasswordHasher:
         if not getattr(self._niced, "done", False):
             _lowerThisThreadsPriority()
             self._niced.done = True
-        return function(*args)
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            onHashed = self.onHashed
+            if onHashed is not None:
+                onHashed(time.perf_counter() - started)
 
     def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
         reactor, pool = self._threadPool()

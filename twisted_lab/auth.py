@@ -242,14 +242,17 @@ class AuthProtocol(MessageProtocol):
         factory = self.factory
         wait = factory.accountFailures.reserve(username)
         if wait:
+            factory.stats.authAttempt("password", "throttled")
             raise self.rateLimited(wait, "password")
         wait = factory.addressFailures.reserve(self.group)
         if wait:
             factory.accountFailures.release(username)
+            factory.stats.authAttempt("password", "throttled")
             raise self.rateLimited(wait, "password")
         try:
             result = await check()
         except UnauthorizedLogin:
+            factory.stats.authAttempt("password", "failure")
             if factory.logBudget.admit("login_failed"):
                 self.log.info(
                     "{peer}: wrong password for {username}",
@@ -261,7 +264,9 @@ class AuthProtocol(MessageProtocol):
         except BaseException:
             factory.accountFailures.release(username)
             factory.addressFailures.release(self.group)
+            factory.stats.authAttempt("password", "error")
             raise
+        factory.stats.authAttempt("password", "success")
         factory.accountFailures.succeeded(username)
         factory.addressFailures.release(self.group)
         return result
@@ -365,9 +370,11 @@ class AuthProtocol(MessageProtocol):
                 credentials, self, IAccount
             )
         except UnauthorizedLogin:
+            self.factory.stats.authAttempt("token", "failure")
             raise RequestError(
                 "invalid_token", "unknown, expired or revoked token"
             ) from None
+        self.factory.stats.authAttempt("token", "success")
         self._loggedIn(
             cast(Account, avatar),
             tokenDigest(credentials.token),
@@ -499,6 +506,8 @@ class AuthFactory(ServerFactory):
             [self.passwordChecker, TokenChecker(store, clock, sessionIdle)],
         )
         self.sessions = SessionWatch(store, clock, sessionIdle)
+        self.stats.enableStore(store)
+        self.stats.enableAuth(hasher)
 
     def makeRealm(self) -> Any:
         """

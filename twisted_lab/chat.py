@@ -17,6 +17,7 @@ C{seq} order, encoded once, the same bytes written to every member.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from twisted.application.service import IService
@@ -40,6 +41,7 @@ from twisted_lab.messages import (
     encodeMessage,
     rfc3339,
 )
+from twisted_lab.metrics import ServerStats
 from twisted_lab.server import positiveInt
 from twisted_lab.store import Store
 
@@ -167,6 +169,8 @@ class ChatService:
         self._batch: list[tuple[Room, str, str, defer.Deferred[None]]] = []
         self._flushCall: IDelayedCall | None = None
         self._flushing = False
+        #: Counters for --metrics (the factory's, once it has made us).
+        self.stats = ServerStats()
 
     # -- users ------------------------------------------------------------------
 
@@ -312,15 +316,20 @@ class ChatService:
             rows.append((room.name, room.lastSeq, sender, text, now))
         d = self.store.storeMessages(rows)
 
-        def stored(_: object) -> None:
+        def stored(committedAt: object) -> None:
             # One write per member per room for the whole batch, in seq
             # order: each message encoded once, the same bytes for all.
             byRoom: dict[str, tuple[Room, list[bytes]]] = {}
             for room, message, _ in messages:
                 frame = encodeFrame(encodeMessage(message))
                 byRoom.setdefault(room.name, (room, []))[1].append(frame)
+            stats = self.stats
+            stats.chatMessagesStored += len(messages)
             for room, frames in byRoom.values():
-                self.send(room, b"".join(frames))
+                members = self.send(room, b"".join(frames), count=len(frames))
+                stats.deliveries["room"] += members * len(frames)
+                if isinstance(committedAt, float) and stats.deliverySeconds:
+                    stats.deliverySeconds.observe(time.monotonic() - committedAt)
             for _, _, done in messages:
                 done.callback(None)
             self._logStored(messages)
@@ -367,15 +376,24 @@ class ChatService:
         self.send(room, encodeFrame(encodeMessage(message)), exclude)
 
     def send(
-        self, room: Room, frames: bytes, exclude: ChatProtocol | None = None
-    ) -> None:
+        self,
+        room: Room,
+        frames: bytes,
+        exclude: ChatProtocol | None = None,
+        count: int = 1,
+    ) -> int:
         """
-        Write the same C{frames} to every member connection of C{room}.
+        Write the same C{frames} (C{count} of them) to every member
+        connection of C{room}; how many connections they were written to.
         """
         now = self.clock.seconds()
+        written = 0
         for connection in room.connections():
             if connection is not exclude:
                 connection.deliver(frames, now)
+                written += 1
+        self.stats.framesSent += written * count
+        return written
 
 
 def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
@@ -518,8 +536,12 @@ class ChatProtocol(AuthProtocol):
             )
         )
         now = self.factory.now()
-        for mind in list(target.minds):
+        minds = list(target.minds)
+        for mind in minds:
             mind.deliver(frame, now)
+        stats = self.factory.stats
+        stats.deliveries["private"] += len(minds)
+        stats.framesSent += len(minds)
         if self.factory.logBudget.admit("private_sent"):
             self.log.info(
                 "{user} sent a private message to {to}",
@@ -639,6 +661,8 @@ class ChatFactory(AuthFactory):
     ) -> None:
         self.service = ChatService(store, settings.get("clock"))
         super().__init__(store, hasher, **settings)
+        self.service.stats = self.stats
+        self.stats.enableChat()
         messages = RequestLimit(messageRate, messageBurst, bucket="messages")
         self.requestLimits["say"] = self.requestLimits["msg"] = messages
         assert self.clock is not None

@@ -81,6 +81,10 @@ class FramedEcho(FramedServerProtocol):
             headers += 1
         if headers:
             self._frameLength = length
+            # Each header read is a frame in, and goes straight back out.
+            stats = self.factory.stats
+            stats.framesReceived += headers
+            stats.framesSent += headers
         self._remaining = remaining
         self._heldHeader = data[offset:] if oversized < 0 else b""
         if remaining:

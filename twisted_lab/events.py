@@ -17,7 +17,10 @@ up exactly to what happened.
 
 from __future__ import annotations
 
-from typing import IO, Any
+import contextlib
+import os
+import signal
+from typing import IO, Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
@@ -27,6 +30,7 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.python.logfile import LogFile
 
 # Event names (the `event` field).  Kept here so tests and docs use one list.
 SERVER_STARTED = "server_started"
@@ -54,6 +58,9 @@ SESSION_ENDED = "session_ended"
 #: Default number of individually logged data events per connection per
 #: second; past it, the rest of that second is folded into a summary.
 DEFAULT_DATA_EVENTS_PER_SECOND = 20
+
+#: Bytes after which the JSON event log rotates: twistd's --logfile default.
+DEFAULT_EVENT_LOG_ROTATE_LENGTH = 1_000_000
 
 
 class DataEventMeter:
@@ -254,26 +261,97 @@ class JSONEventLog:
     """
     Writes every log event as one JSON object per line to a file, for as
     long as it is started (the C{--event-log} option).
+
+    The file rotates like twistd's own C{--logfile}
+    (L{twisted.python.logfile.LogFile}): once it holds C{rotateLength}
+    bytes (default 1 MB, as twistd's; 0 never) it becomes C{PATH.1}, the
+    older ones C{PATH.2}, ..., keeping C{maxRotatedFiles} of them (L{None}:
+    all).  Each event is one write, so a line is never split across files.
+
+    With C{reactor} given, SIGUSR1 (which twistd's text log also answers)
+    rotates it too, or, if the file was moved away meanwhile (logrotate),
+    reopens it at C{path}; the handler twistd installed is still called.
     """
 
-    def __init__(self, path: str, publisher: LogPublisher = globalLogPublisher):
+    def __init__(
+        self,
+        path: str,
+        publisher: LogPublisher = globalLogPublisher,
+        *,
+        rotateLength: int = DEFAULT_EVENT_LOG_ROTATE_LENGTH,
+        maxRotatedFiles: int | None = None,
+        reactor: Any = None,
+    ):
         self.path = path
         self._publisher = publisher
-        self._file: IO[Any] | None = None
+        self.rotateLength = rotateLength
+        self.maxRotatedFiles = maxRotatedFiles
+        self._reactor = reactor
+        self._file: LogFile | None = None
         self._observer: ILogObserver | None = None
+        self._previousHandler: Any = None
+        self._handling = False
 
     def start(self) -> None:
         """
         Open the file (appending) and start observing.
         """
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._observer = jsonFileLogObserver(self._file, recordSeparator="")
+        self._file = LogFile.fromFullPath(
+            self.path,
+            rotateLength=self.rotateLength or None,
+            maxRotatedFiles=self.maxRotatedFiles,
+        )
+        # A LogFile has the write and flush the observer uses.
+        self._observer = jsonFileLogObserver(
+            cast(IO[Any], self._file), recordSeparator=""
+        )
         self._publisher.addObserver(self._observer)
+        if self._reactor is not None:
+            self._installSignalHandler()
+
+    def rotateOrReopen(self) -> None:
+        """
+        What SIGUSR1 does: reopen the file if it is no longer at C{path}
+        (an external tool moved it), else rotate it as twistd would.
+        """
+        logFile = self._file
+        if logFile is None:
+            return
+        try:
+            moved = os.stat(self.path).st_ino != os.fstat(logFile._file.fileno()).st_ino
+        except OSError:
+            moved = True
+        if moved:
+            logFile.reopen()
+        else:
+            logFile.rotate()
+
+    def _installSignalHandler(self) -> None:
+        try:
+            previous = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, self._signalled)
+        except (ValueError, AttributeError, OSError):
+            return  # not the main thread, or no SIGUSR1 here
+        self._previousHandler = previous
+        self._handling = True
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        # A signal handler may run in the middle of a write: the work is
+        # done by the reactor, between events.
+        self._reactor.callFromThread(self.rotateOrReopen)
+        previous = self._previousHandler
+        if callable(previous):
+            previous(signum, frame)
 
     def stop(self) -> None:
         """
         Stop observing and close the file.
         """
+        if self._handling:
+            self._handling = False
+            with contextlib.suppress(ValueError, OSError):
+                if signal.getsignal(signal.SIGUSR1) == self._signalled:
+                    signal.signal(signal.SIGUSR1, self._previousHandler)
         if self._observer is not None:
             self._publisher.removeObserver(self._observer)
             self._observer = None

@@ -144,6 +144,7 @@ class IdentityFactory(ServerFactory):
         settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
         super().__init__(**settings)
         self.store = store
+        self.stats.enableStore(store)
 
 
 class Options(StoredServerOptions):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted_lab import events
 from twisted_lab.framing import encodeFrame
 from twisted_lab.limits import RequestLimit
+from twisted_lab.metrics import INVALID_REQUEST
 from twisted_lab.server import FramedServerProtocol
 
 DEFAULT_MAX_LENGTH = 64 * 1024
@@ -313,6 +315,7 @@ class MessageProtocol(FramedServerProtocol):
     _queue: deque[bytes | _CloseWith | _Work] | None = None
 
     def stringReceived(self, frame: bytes) -> None:
+        self.factory.stats.framesReceived += 1
         self._enqueue(frame)
 
     def runExclusively(self, work: Callable[[], Any]) -> None:
@@ -384,6 +387,7 @@ class MessageProtocol(FramedServerProtocol):
 
     def _handle(self, frame: bytes) -> defer.Deferred[Any] | None:
         requestId: Any = None
+        kind: Any = None
         try:
             message = decodeRequest(frame)
             requestId = message.get("id")
@@ -397,10 +401,15 @@ class MessageProtocol(FramedServerProtocol):
             self._errorsInARow = 0
             self.checkRate(kind)
         except RequestError as e:
+            self.factory.stats.countRequest(
+                kind if kind in self.requests else INVALID_REQUEST, e.code
+            )
             self._replyError(e, e.requestId if requestId is None else requestId)
             return None
         handler = getattr(self, "request_" + kind)
+        started = time.perf_counter()
         d = defer.maybeDeferred(handler, message)
+        d.addBoth(self.factory.stats.requestFinished, kind, started)
         d.addCallbacks(
             self._replied,
             self._failed,
@@ -447,6 +456,7 @@ class MessageProtocol(FramedServerProtocol):
         budget: a flood of them folds into one summary).
         """
         retry = max(1, math.ceil(seconds))
+        self.factory.stats.rateLimited += 1
         if self.factory.logBudget.admit(events.RATE_LIMITED):
             self.log.info(
                 "{peer}: {what} rate limited for {retry_after} s",

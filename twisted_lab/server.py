@@ -45,9 +45,16 @@ from twisted_lab import events
 from twisted_lab.events import DataEventMeter, JSONEventLog, LogBudget
 from twisted_lab.framing import HEADER, HEADER_SIZE, MAX_FRAME, FrameReceiver
 from twisted_lab.limits import RequestLimit, TokenBucket
+from twisted_lab.metrics import (
+    REFUSED_MAX_CONNECTIONS,
+    REFUSED_MAX_PER_ADDRESS,
+    MetricsServer,
+    ServerStats,
+)
 from twisted_lab.startup import Console, StartupFailed
 from twisted_lab.store import DEFAULT_PATH as DEFAULT_STORE_PATH
 from twisted_lab.store import Store, StoreService
+from twisted_lab.systemd import SystemdNotifier, whenOpened
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_FRAME_TIMEOUT = 60.0
@@ -159,6 +166,11 @@ class ServerFactory(Factory["ServedConnection"]):
         self._allGone: list[defer.Deferred[None]] = []
         self._sweeper: IDelayedCall | None = None
         self._nextSweep = 0.0
+        #: What the server counts for --metrics (see twisted_lab.metrics).
+        self.stats = ServerStats()
+        self.stats.factory = self
+        if hasattr(self.protocol, "requests"):
+            self.stats.enableRequests()
 
     def now(self) -> float:
         """
@@ -201,15 +213,18 @@ class ServerFactory(Factory["ServedConnection"]):
         why it is refused (and count nothing).
         """
         if self.maxConnections and len(self.connections) >= self.maxConnections:
+            self.stats.refused[REFUSED_MAX_CONNECTIONS] += 1
             return f"the server has its maximum of {self.maxConnections} connections"
         count = self.perAddress.get(group, 0)
         if self.maxConnectionsPerAddress and count >= self.maxConnectionsPerAddress:
+            self.stats.refused[REFUSED_MAX_PER_ADDRESS] += 1
             return (
                 f"{group} has its maximum of {self.maxConnectionsPerAddress} "
                 "connections"
             )
         self.perAddress[group] = count + 1
         self.connections.add(connection)
+        self.stats.accepted += 1
         self._startSweeping()
         return None
 
@@ -457,8 +472,10 @@ class ServedConnection(Protocol):
         A read of C{nbytes} bytes: log it (or fold it) and reset idleness.
         Returns the time, for callers that need it too.
         """
-        now = self.factory.clock.seconds()  # type: ignore[union-attr]
+        factory = self.factory
+        now = factory.clock.seconds()  # type: ignore[union-attr]
         self.lastActivity = now
+        factory.stats.bytesReceived += nbytes
         self.meter.received(nbytes)
         return now
 
@@ -564,6 +581,7 @@ class ServedConnection(Protocol):
         """
         A write of C{nbytes} bytes: log it (or fold it).
         """
+        self.factory.stats.bytesSent += nbytes
         self.meter.sent(nbytes, now)
 
     def slowConsumer(self) -> None:
@@ -575,6 +593,7 @@ class ServedConnection(Protocol):
         if self._cutOff:
             return
         self._cutOff = True
+        self.factory.stats.slowConsumers += 1
         self.log.warn(
             "{peer} cannot keep up ({backlog} bytes waiting); disconnecting",
             event=events.SLOW_CONSUMER,
@@ -705,6 +724,7 @@ class FramedServerProtocol(ServedConnection, FrameReceiver):
     def sendString(self, string: bytes) -> None:
         if len(string) > MAX_FRAME:
             raise StringTooLongError(f"{len(string)} bytes do not fit in one frame")
+        self.factory.stats.framesSent += 1
         self.writeSequence((HEADER.pack(len(string)), string))
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -791,6 +811,11 @@ class NetlabService(service.Service):
         eventLog: str | None = None,
         closeTimeout: float = 3.0,
         console: Console | None = None,
+        eventLogRotateLength: int = events.DEFAULT_EVENT_LOG_ROTATE_LENGTH,
+        eventLogMaxRotated: int | None = None,
+        eventLogSignal: bool = False,
+        metrics: str | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.setName(serviceName)
         self.factory = factory
@@ -798,9 +823,26 @@ class NetlabService(service.Service):
         self.reactor = reactor
         self.portFallback = portFallback
         self.portFile = portFile
-        self.eventLog = JSONEventLog(eventLog) if eventLog else None
+        self.eventLog = (
+            JSONEventLog(
+                eventLog,
+                rotateLength=eventLogRotateLength,
+                maxRotatedFiles=eventLogMaxRotated,
+                reactor=reactor if eventLogSignal else None,
+            )
+            if eventLog
+            else None
+        )
         self.closeTimeout = closeTimeout
         self.console = console or Console(None)
+        factory.stats.serviceName = serviceName
+        self.metrics = (
+            MetricsServer(metrics, factory.stats, reactor) if metrics else None
+        )
+        self.notifier = notifier or SystemdNotifier(None)
+        #: Fires true once what the server needs besides its port is up
+        #: (the database); systemd hears READY=1 only then.
+        self.readyWhen: Any = None
 
     def privilegedStartService(self) -> None:
         if self.factory.clock is None:
@@ -824,13 +866,38 @@ class NetlabService(service.Service):
         if isinstance(outcome[0], Failure):
             self.console.close()
             raise StartupFailed(self._cannotListen(outcome[0]))
+        if self.metrics is not None:
+            self._listenForMetrics(self.metrics)
         service.Service.privilegedStartService(self)
+
+    def _listenForMetrics(self, metrics: MetricsServer) -> None:
+        outcome: list[Any] = []
+        metrics.listen().addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            reason = (
+                _socketReason(outcome[0]) if outcome else "did not listen at once"
+            )
+            message = (
+                f"{self.name}: {reason}: cannot serve metrics on {metrics.description}"
+            )
+            self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
+            self.console.close()
+            port, self.port = self.port, None
+            if port is not None:
+                port.stopListening()
+            raise StartupFailed(message)
 
     def startService(self) -> None:
         if self.port is None:
             self.privilegedStartService()
         service.Service.startService(self)
         self.console.close()
+        if self.metrics is not None:
+            self.metrics.startSampling()
+        self.notifier.ready(
+            f"{self.name} serving on {self.description}",
+            self.readyWhen() if self.readyWhen is not None else None,
+        )
 
     def _listen(self) -> defer.Deferred[Any]:
         d = serverFromString(self.reactor, self.description).listen(self.factory)
@@ -892,9 +959,12 @@ class NetlabService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         self.console.close()
+        self.notifier.stopping()
         self.log.info(
             "{service} stopping", event=events.SERVER_STOPPING, service=self.name
         )
+        if self.metrics is not None:
+            self.metrics.stop()
         port, self.port = self.port, None
         d: defer.Deferred[Any] = defer.maybeDeferred(
             port.stopListening if port is not None else lambda: None
@@ -1070,6 +1140,27 @@ class ServerOptions(usage.Options):
             "Also write every event as one JSON object per line to this file.",
         ],
         [
+            "event-log-rotate-length",
+            None,
+            events.DEFAULT_EVENT_LOG_ROTATE_LENGTH,
+            "Rotate the event log once it holds this many bytes (0: never).",
+            nonNegativeInt,
+        ],
+        [
+            "event-log-max-rotated",
+            None,
+            None,
+            "Rotated event logs kept (default: all).",
+            positiveInt,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint "
+            "(tcp:9100:interface=127.0.0.1).",
+        ],
+        [
             "data-events-per-second",
             None,
             events.DEFAULT_DATA_EVENTS_PER_SECOND,
@@ -1125,6 +1216,11 @@ class ServerOptions(usage.Options):
             portFile=self["port-file"],
             eventLog=self["event-log"],
             console=Console.ofStandardError(),
+            eventLogRotateLength=self["event-log-rotate-length"],
+            eventLogMaxRotated=self["event-log-max-rotated"],
+            eventLogSignal=True,
+            metrics=self["metrics"],
+            notifier=SystemdNotifier.fromEnvironment(),
         )
 
 
@@ -1145,6 +1241,9 @@ class StoredServerOptions(ServerOptions):
         opens first and closes only after the server has stopped.
         """
         top = OrderedServices()
-        StoreService(store).setServiceParent(top)
-        self.makeNetlabService(serviceName, factory).setServiceParent(top)
+        storeService = StoreService(store)
+        storeService.setServiceParent(top)
+        server = self.makeNetlabService(serviceName, factory)
+        server.readyWhen = lambda: whenOpened(storeService)
+        server.setServiceParent(top)
         return top

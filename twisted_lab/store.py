@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -180,6 +181,11 @@ class Store:
         self.migrations = migrations
         self.pool: adbapi.ConnectionPool | None = None
         self.version = 0
+        #: Called (on the reactor thread) with the seconds each committed
+        #: transaction took in the database thread (for --metrics).
+        self.onTransaction: Callable[[float], object] | None = None
+        #: The time.monotonic() at which the last transaction committed.
+        self.lastCommit = 0.0
 
     def prepare(self) -> None:
         """
@@ -239,7 +245,15 @@ class Store:
         """
         if self.pool is None:
             return defer.fail(RuntimeError("the store is not open"))
-        return self.pool.runWithConnection(_inTransaction, work, args, kwargs)
+        d = self.pool.runWithConnection(_timedTransaction, work, args, kwargs)
+        return d.addCallback(self._committed)
+
+    def _committed(self, outcome: tuple[T, float, float]) -> T:
+        result, started, committed = outcome
+        self.lastCommit = committed
+        if self.onTransaction is not None:
+            self.onTransaction(committed - started)
+        return result
 
     # -- identities -----------------------------------------------------------
 
@@ -360,12 +374,14 @@ class Store:
 
     def storeMessages(
         self, messages: Sequence[tuple[str, int, str, str, str]]
-    ) -> defer.Deferred[None]:
+    ) -> defer.Deferred[float]:
         """
         Store (room, seq, sender, text, ts) rows in one transaction: the
-        group commit of every message of one reactor turn.
+        group commit of every message of one reactor turn.  Fires with the
+        C{time.monotonic()} of the commit.
         """
-        return self.transaction(_storeMessages, messages)
+        d = self.transaction(_storeMessages, messages)
+        return d.addCallback(lambda _: self.lastCommit)
 
     def history(
         self, room: str, after: int, limit: int
@@ -469,6 +485,17 @@ def _inTransaction(
         raise
     cursor.execute("COMMIT")
     return result
+
+
+def _timedTransaction(
+    connection: sqlite3.Connection,
+    work: Callable[..., T],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> tuple[T, float, float]:
+    started = time.monotonic()
+    result = _inTransaction(connection, work, args, kwargs)
+    return result, started, time.monotonic()
 
 
 def _visit(cursor: sqlite3.Cursor, address: str, now: str) -> tuple[str, int] | None:
