@@ -383,14 +383,16 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         options = Options()
         options.parseOptions([])
-        self.assertEqual(options["endpoint"], "tcp:9090:interface=127.0.0.1")
+        self.assertEqual(
+            options["endpoint"], "tcp:9090:interface=127.0.0.1:backlog=1024"
+        )
         self.assertEqual(options["max-length"], 1024 * 1024)
         self.assertEqual(options["framing"], "int32")
 
     def test_ipv6Interface(self) -> None:
         options = Options()
         options.parseOptions(["--interface", "::1", "--port", "0"])
-        self.assertEqual(options["endpoint"], r"tcp6:0:interface=\:\:1")
+        self.assertEqual(options["endpoint"], r"tcp6:0:interface=\:\:1:backlog=1024")
 
     def test_listenOverrides(self) -> None:
         options = Options()

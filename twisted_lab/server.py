@@ -738,6 +738,7 @@ class FramedServerProtocol(ServedConnection, FrameReceiver):
         # Nothing after the oversized header is ever read: its payload is
         # not buffered, and what follows it is no longer framed.
         self.pauseReading(CLOSING)
+        self.recvd = b""
         self.frameStarted = None
         self.frameTooLong(length)
 
