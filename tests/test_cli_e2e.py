@@ -648,3 +648,98 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+class SharedDirectoryTests(TestCase):
+    """
+    The guide's foreground recipe: auth and chat in one directory, sharing
+    the default database, with C{--pidfile=}.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_authAndChatShareADirectoryWithoutPidFiles(self):
+        workdir = Path(self.mktemp()).absolute()
+        workdir.mkdir(parents=True)
+        env = subprocessEnv(XDG_CONFIG_HOME=str(workdir / "config"))
+        processes = []
+        for plugin in ("netlab-auth", "netlab-chat"):
+            process = subprocess.Popen(
+                [
+                    str(BIN / "twistd"),
+                    "-n",
+                    "--pidfile=",
+                    "--logfile",
+                    f"{plugin}.log",
+                    plugin,
+                    "--port",
+                    "0",
+                    "--port-file",
+                    f"{plugin}.port",
+                    *FAST_HASH,
+                ],
+                cwd=workdir,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            processes.append(process)
+            self.addCleanup(_stop, process)
+        ports = []
+        for plugin in ("netlab-auth", "netlab-chat"):
+            portFile = workdir / f"{plugin}.port"
+            waited = 0.0
+            while not portFile.exists():
+                self.assertLess(waited, DEADLINE, f"{plugin} did not start")
+                self.assertEqual([p.poll() for p in processes], [None, None])
+                yield defer.ensureDeferred(pause())
+                waited += 0.05
+            ports.append(portFile.read_text().strip())
+        self.assertFalse((workdir / "twistd.pid").exists())
+        authPort, chatPort = ports
+        out, err, code = yield defer.ensureDeferred(
+            runNetlab(
+                "auth",
+                "register",
+                "-q",
+                "--port",
+                authPort,
+                "--user",
+                "alice",
+                "--password-stdin",
+                stdin=b"password1\n",
+                env=env,
+            )
+        )
+        self.assertEqual(code, 0, err)
+        # Registered on auth, logged in on chat: one database.
+        out, err, code = yield defer.ensureDeferred(
+            runNetlab(
+                "auth",
+                "login",
+                "-q",
+                "--port",
+                chatPort,
+                "--user",
+                "alice",
+                "--password-stdin",
+                stdin=b"password1\n",
+                env=env,
+            )
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(
+            sorted(p.name for p in workdir.glob("netlab.sqlite3*"))[0],
+            "netlab.sqlite3",
+        )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
