@@ -801,6 +801,15 @@ class TrustEndToEndTests(TestCase):
             )
             out["auth"] = [codeOf(m) for m in conn.readToEnd()]
             conn.close()
+            # a registration alone: its reply arrives (the account is made)
+            conn, _ = halfClosed(
+                auth.port,
+                request(
+                    {"type": "register", "username": "alone", "password": PASSWORD}
+                ),
+            )
+            out["auth register"] = [codeOf(m) for m in conn.readToEnd()]
+            conn.close()
             conn, _ = halfClosed(
                 chat.port,
                 request({"type": "register", "username": "half", "password": PASSWORD})
@@ -819,6 +828,7 @@ class TrustEndToEndTests(TestCase):
                 "raw": b"hello\n",
                 "identity": ["ask_name", ("pong", 0), ("pong", 1), ("pong", 2)],
                 "auth": ["registered", "pong"],
+                "auth register": ["registered"],
                 "chat": ["registered", "session", "identity"],
             },
         )
