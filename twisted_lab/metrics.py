@@ -293,6 +293,7 @@ class StatsCollector(Collector):
                 value=s.rateLimited,
             )
         hasher = s.hasher
+        semaphore = getattr(hasher, "semaphore", None)
         if hasher is not None:
             attempts = CounterMetricFamily(
                 "netlab_auth_attempts",
@@ -303,7 +304,6 @@ class StatsCollector(Collector):
             for (method, result), count in sorted(dict(s.authAttempts).items()):
                 attempts.add_metric([method, result], count)
             yield attempts
-            semaphore = getattr(hasher, "semaphore", None)
         if semaphore is not None:
             yield GaugeMetricFamily(
                 "netlab_password_hashes_queued",

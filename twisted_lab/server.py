@@ -857,7 +857,9 @@ class NetlabService(service.Service):
             pid=os.getpid(),
         )
         outcome: list[Any] = []
-        self._listen().addBoth(outcome.append)
+        # maybeDeferred: a description that cannot be parsed (a systemd:
+        # index with no inherited socket) fails the start with its reason.
+        defer.maybeDeferred(self._listen).addBoth(outcome.append)
         if not outcome:
             # Every endpoint netlab documents (tcp, ssl, unix, systemd)
             # listens at once; one that does not is not one we can vouch for.
@@ -949,9 +951,12 @@ class NetlabService(service.Service):
         # bytes of this to the person waiting for the start.
         port = getattr(failure.value, "port", None)
         where = f"port {port}" if port is not None else self.description
-        message = (
-            f"{self.name}: {_socketReason(failure)}: cannot listen on {where}"
-        )
+        reason = _socketReason(failure)
+        if self.description.startswith("systemd:") and failure.check(
+            IndexError, KeyError
+        ):
+            reason = "no such socket from systemd (LISTEN_FDS/PID/FDNAMES)"
+        message = f"{self.name}: {reason}: cannot listen on {where}"
         if failure.check(CannotListenError) and not self.portFallback:
             message += " (--no-port-fallback)"
         self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
