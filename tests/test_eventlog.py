@@ -47,9 +47,7 @@ class EventLogRotationTests(SynchronousTestCase):
         for n in range(100):
             self.log.info("event {n}", event="sample", n=n)
         rotated = sorted(p.name for p in self.dir.iterdir())
-        self.assertEqual(
-            rotated, ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
-        )
+        self.assertEqual(rotated, ["events.jsonl", "events.jsonl.1", "events.jsonl.2"])
         # Every file holds whole JSON lines; the newest events are kept, in
         # order, and none is lost between the kept files.
         numbers = []

@@ -113,9 +113,7 @@ class EchoMetricsTests(SynchronousTestCase):
         protocol, transport, _ = connectProtocol(factory)
         protocol.output.pauseProducing()  # the peer's buffer is full
         protocol.dataReceived(b"x" * 5000)
-        self.assertEqual(
-            value(scrape(factory.stats), "netlab_slow_consumers_total"), 1
-        )
+        self.assertEqual(value(scrape(factory.stats), "netlab_slow_consumers_total"), 1)
 
     def test_namesFollowPrometheusRules(self) -> None:
         """
@@ -131,9 +129,7 @@ class EchoMetricsTests(SynchronousTestCase):
             if family.type == "histogram":
                 self.assertTrue(family.name.endswith("_seconds"), family.name)
             for sample in family.samples:
-                if family.type == "counter" and not sample.name.endswith(
-                    "_created"
-                ):
+                if family.type == "counter" and not sample.name.endswith("_created"):
                     self.assertTrue(sample.name.endswith("_total"), sample.name)
         build = [f for f in families if f.name == "netlab_build_info"]
         self.assertEqual(len(build), 1)
@@ -172,12 +168,8 @@ class RequestMetricsTests(SynchronousTestCase):
         samples = scrape(factory.stats)
         total = "netlab_requests_total"
         self.assertEqual(value(samples, total, type="ping", outcome="ok"), 2)
-        self.assertEqual(
-            value(samples, total, type="ping", outcome="rate_limited"), 1
-        )
-        self.assertEqual(
-            value(samples, total, type="fail", outcome="no_such_user"), 1
-        )
+        self.assertEqual(value(samples, total, type="ping", outcome="rate_limited"), 1)
+        self.assertEqual(value(samples, total, type="fail", outcome="no_such_user"), 1)
         self.assertEqual(value(samples, total, type="say", outcome="bad_request"), 1)
         self.assertEqual(
             value(samples, total, type="invalid", outcome="unknown_type"), 1
@@ -306,4 +298,3 @@ class ChatMetricsTests(ChatHarness):
             self.assertNotIn(name.encode(), generate_latest(factory.stats.registry))
         for c in (alice, bob, wrong):
             self.disconnect(factory, c[0])
-

@@ -265,5 +265,3 @@ class SystemdEndToEndTests(TestCase):
         with FramedSocket.connect_to("127.0.0.1", port, timeout=10) as s:
             s.send_message(b"activated")
             return s.recv_message()
-
-

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -110,6 +110,7 @@ class ServerStats:
         self.deliveries = {"room": 0, "private": 0}
         self.hasher: Any = None
         self.chat = False
+        self.process = False
         self.requestSeconds: Histogram | None = None
         self.hashSeconds: Histogram | None = None
         self.transactionSeconds: Histogram | None = None
@@ -360,6 +361,11 @@ class MetricsServer:
         self.port: IListeningPort | None = None
         self._lagCall: IDelayedCall | None = None
         self._due = 0.0
+        if not stats.process:
+            # The standard process_* metrics (CPU, memory, descriptors),
+            # read from /proc at scrape time.
+            ProcessCollector(registry=stats.registry)
+            stats.process = True
 
     def resource(self) -> Resource:
         """
