@@ -258,6 +258,9 @@ class FakeSessionStore:
     def lastRevocation(self):
         return defer.succeed(self.revocations[-1][0] if self.revocations else 0)
 
+    def revocationsSince(self, at):
+        return defer.succeed([r for r in self.revocations if r[0] > 100])
+
     def refreshSession(self, digest, lastUsed, now, idle):
         expires = self.expiries.get(digest)
         return defer.succeed(None if expires is None or now >= expires else expires)
@@ -287,6 +290,18 @@ class SessionWatchTests(SynchronousTestCase):
         self.clock.advance(POLL_SECONDS)
         self.assertEqual(a.ended, [("session_revoked", "the session was logged out")])
         self.assertEqual(b.ended, [])
+
+    def test_revokedBeforeTheFirstPoll(self) -> None:
+        """
+        A session revoked elsewhere after it was checked here but before
+        this server first read the revocation log is still revoked (not
+        reported as expired).
+        """
+        a = Holder()
+        self.watch.hold(a, b"A", 1e9, "alice")
+        self.store.revocations.append((101, b"A", "logged_out"))
+        self.clock.advance(POLL_SECONDS)
+        self.assertEqual(a.ended, [("session_revoked", "the session was logged out")])
 
     def test_revokedHereAtOnce(self) -> None:
         a, same = Holder(), Holder()

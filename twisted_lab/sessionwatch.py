@@ -30,6 +30,8 @@ from twisted.logger import Logger
 from twisted_lab import events
 
 POLL_SECONDS = 0.5
+#: Seconds by which the clocks of servers sharing a store may disagree.
+CLOCK_MARGIN = 5.0
 
 #: Why a session ended, as the error code its holders receive.
 REVOKED = "session_revoked"
@@ -59,6 +61,10 @@ class SessionStore(Protocol):
 
     def lastRevocation(self) -> defer.Deferred[int]: ...
 
+    def revocationsSince(
+        self, at: float
+    ) -> defer.Deferred[list[tuple[int, bytes, str]]]: ...
+
     def refreshSession(
         self, digest: bytes, lastUsed: float, now: float, idle: float
     ) -> defer.Deferred[float | None]: ...
@@ -79,6 +85,7 @@ class SessionWatch:
         self._held: dict[SessionHolder, tuple[bytes, float]] = {}
         self._users: dict[SessionHolder, str] = {}
         self._position: int | None = None
+        self._firstHeld: float | None = None
         self._timer: IDelayedCall | None = None
         self._polling: defer.Deferred[None] | None = None
 
@@ -90,6 +97,8 @@ class SessionWatch:
         until C{expiresAt}.
         """
         self.release(holder)
+        if self._firstHeld is None:
+            self._firstHeld = self.clock.seconds()
         self._holders.setdefault(digest, set()).add(holder)
         self._held[holder] = (digest, expiresAt)
         self._users[holder] = username
@@ -163,13 +172,19 @@ class SessionWatch:
 
     async def _check(self) -> None:
         store = self.store
+        expireAll = False
         if self._position is None:
+            # The first look: revocations made since the first session was
+            # held (a margin for clocks), then the log from its newest entry.
             self._position = await store.lastRevocation()
-            # A revocation may have come between a holder's check and now:
-            # look at every held session once.
+            assert self._firstHeld is not None
+            for _, digest, reason in await store.revocationsSince(
+                self._firstHeld - CLOCK_MARGIN
+            ):
+                for holder in self.holders(digest):
+                    self._end(holder, REVOKED, reason)
+            # And every held session is checked once against the store.
             expireAll = True
-        else:
-            expireAll = False
         while True:
             rows = await store.revocationsAfter(self._position)
             for position, digest, reason in rows:

@@ -351,6 +351,16 @@ class Store:
         """
         return self.transaction(_revocationsAfter, position)
 
+    def revocationsSince(
+        self, at: float
+    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
+        """
+        The (position, digest, reason) of sessions revoked at C{at} or later
+        (at most 1000, the newest): what a server that starts watching
+        sessions may have missed.
+        """
+        return self.transaction(_revocationsSince, at)
+
     def lastRevocation(self) -> defer.Deferred[int]:
         """
         The position of the newest revocation: where a server that starts
@@ -698,6 +708,17 @@ def _recentHistory(
     ).fetchall()
     rows.reverse()
     return rows
+
+
+def _revocationsSince(
+    cursor: sqlite3.Cursor, at: float
+) -> list[tuple[int, bytes, str]]:
+    rows = cursor.execute(
+        "SELECT id, token_digest, reason FROM revocations WHERE at >= ? "
+        "ORDER BY id DESC LIMIT 1000",
+        (at,),
+    ).fetchall()
+    return [(int(i), bytes(d), str(r)) for i, d, r in reversed(rows)]
 
 
 def _roomsWithHistory(cursor: sqlite3.Cursor, limit: int) -> list[str]:
