@@ -150,8 +150,8 @@ def applyMigrations(
     newest = max((v for v, _ in migrations), default=0)
     if current > newest:
         raise RuntimeError(
-            f"the database is at schema version {current}, newer than this "
-            f"program knows ({newest}); refusing to touch it"
+            f"schema version {current} is newer than this program knows "
+            f"({newest}); refusing to touch it"
         )
     for version, statements in migrations:
         if version <= current:
@@ -456,9 +456,8 @@ class StoreService(Service):
                 path=self.store.path,
                 reason=str(e),
             )
-            raise StartupFailed(
-                f"cannot open the database {self.store.path}: {e}"
-            ) from None
+            # The reason first: twistd's daemon mode passes on 100 bytes.
+            raise StartupFailed(f"{e} (database {self.store.path})") from None
         Service.startService(self)
         self.opened = defer.ensureDeferred(self.store.open())
         self.opened.addErrback(self._cannotOpen)
