@@ -62,7 +62,7 @@ DEFAULT_FRAME_MIN_RATE = 500.0
 DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 #: Bytes all connections of a server together may leave unread before
 #: each stops being read as soon as its send buffer is full.
-DEFAULT_OUTPUT_BUDGET = 64 * 1024 * 1024
+DEFAULT_OUTPUT_BUDGET = 16 * 1024 * 1024
 #: How long a closing connection may take to flush what it was sent.
 CLOSE_GRACE_SECONDS = 5.0
 DEFAULT_MAX_CONNECTIONS = 20_000
