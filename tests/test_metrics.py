@@ -7,14 +7,16 @@ as a scrape reads them; each server has its own registry.
 from __future__ import annotations
 
 import json
+import socket
 
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import connectProtocol, frames
 from tests.test_auth import run
@@ -23,7 +25,8 @@ from tests.test_messages import Sample, replies
 from twisted_lab.echo import EchoFactory, RawEcho
 from twisted_lab.limits import RequestLimit
 from twisted_lab.metrics import LAG_INTERVAL, MetricsServer, ServerStats
-from twisted_lab.server import ServerFactory
+from twisted_lab.server import NetlabService, ServerFactory
+from twisted_lab.startup import StartupFailed
 from twisted_lab.systemd import whenOpened
 
 
@@ -298,3 +301,30 @@ class ChatMetricsTests(ChatHarness):
             self.assertNotIn(name.encode(), generate_latest(factory.stats.registry))
         for c in (alice, bob, wrong):
             self.disconnect(factory, c[0])
+
+
+class MetricsListeningTests(TestCase):
+    def test_takenMetricsPortStopsTheStart(self) -> None:
+        """
+        A metrics port that cannot be had fails the start in one line, and
+        the service's own port is not left listening.
+        """
+        from twisted.internet import reactor
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        service = NetlabService(
+            "netlab-echo",
+            EchoFactory(clock=reactor),
+            "tcp:0:interface=127.0.0.1",
+            reactor=reactor,
+            metrics=f"tcp:{port}:interface=127.0.0.1",
+        )
+        service.log = Logger(observer=lambda event: None)
+        with self.assertRaises(StartupFailed) as caught:
+            service.privilegedStartService()
+        self.assertIn(f"cannot serve metrics on tcp:{port}", str(caught.exception))
+        self.assertIsNone(service.port)

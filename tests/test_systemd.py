@@ -211,7 +211,7 @@ class SystemdEndToEndTests(TestCase):
         received = yield defer.ensureDeferred(receive(sock, "READY=1"))
         ready = [d for d in received if "READY=1" in d.splitlines()]
         self.assertEqual(len(ready), 1, received)
-        self.assertIn("STATUS=netlab-chat serving", ready[0])
+        self.assertIn("STATUS=netlab-chat serving on 127.0.0.1 port", ready[0])
         self.assertTrue((workdir / "chat.sqlite3").exists())
         # It serves: a ping is answered.
         reply = yield threads.deferToThread(self.ping, server.port)

@@ -328,8 +328,9 @@ class ChatService:
             for room, frames in byRoom.values():
                 members = self.send(room, b"".join(frames), count=len(frames))
                 stats.deliveries["room"] += members * len(frames)
-                if isinstance(committedAt, float) and stats.deliverySeconds:
-                    stats.deliverySeconds.observe(time.monotonic() - committedAt)
+                seconds = stats.deliverySeconds
+                if isinstance(committedAt, float) and seconds is not None:
+                    seconds.observe(time.monotonic() - committedAt)
             for _, _, done in messages:
                 done.callback(None)
             self._logStored(messages)

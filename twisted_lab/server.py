@@ -897,8 +897,14 @@ class NetlabService(service.Service):
         self.console.close()
         if self.metrics is not None:
             self.metrics.startSampling()
+        address: Any = self.port.getHost() if self.port is not None else None
+        where = (
+            f"{address.host} port {address.port}"
+            if hasattr(address, "port")
+            else str(address)
+        )
         self.notifier.ready(
-            f"{self.name} serving on {self.description}",
+            f"{self.name} serving on {where}",
             self.readyWhen() if self.readyWhen is not None else None,
         )
 
