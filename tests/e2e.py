@@ -142,10 +142,22 @@ class Server:
         return self.logFile.read_text() if self.logFile.exists() else ""
 
     def events(self) -> list[dict[str, Any]]:
-        if not self.eventLog.exists():
-            return []
-        with self.eventLog.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """
+        Every event logged, oldest first: the event log rotates at 1 MB
+        (PATH.2, PATH.1, then PATH).
+        """
+        rotated = [
+            p
+            for p in self.eventLog.parent.glob(self.eventLog.name + ".*")
+            if p.suffix[1:].isdigit()
+        ]
+        rotated.sort(key=lambda p: int(p.suffix[1:]), reverse=True)
+        found = []
+        for path in rotated + [self.eventLog]:
+            if path.exists():
+                with path.open(encoding="utf-8") as f:
+                    found += [json.loads(line) for line in f if line.strip()]
+        return found
 
     def eventNames(self) -> list[str]:
         return [e["event"] for e in self.events() if "event" in e]
