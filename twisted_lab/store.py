@@ -150,7 +150,7 @@ def applyMigrations(
     newest = max((v for v, _ in migrations), default=0)
     if current > newest:
         raise RuntimeError(
-            f"schema version {current} is newer than this program knows "
+            f"database schema version {current} is newer than this program knows "
             f"({newest}); refusing to touch it"
         )
     for version, statements in migrations:
