@@ -534,23 +534,26 @@ class Server:
 
     def eventRecords(self, name: str | None = None) -> list[dict[str, Any]]:
         """
-        The JSON event log's records (those named C{name}, if given).
+        The JSON event log's records (those named C{name}, if given), from
+        the log and its rotated copies (in no particular order).
         """
         records = []
-        try:
-            with self.eventLog.open("rb") as f:
-                for line in f:
-                    if name is not None and name.encode() not in line:
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict) and "event" in record:
-                        if name is None or record["event"] == name:
-                            records.append(record)
-        except OSError:
-            pass
+        # The event log rotates (events.jsonl.1, .2, ... are older).
+        for path in self.workdir.glob("events.jsonl*"):
+            try:
+                with path.open("rb") as f:
+                    for line in f:
+                        if name is not None and name.encode() not in line:
+                            continue
+                        try:
+                            record = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(record, dict) and "event" in record:
+                            if name is None or record["event"] == name:
+                                records.append(record)
+            except OSError:
+                continue
         return records
 
     def stop(self) -> None:
