@@ -104,15 +104,15 @@ def validText(text: str) -> str:
 class Room:
     """
     One room: who is in it (users, each with their connections) and the
-    last C{seq} given out.
+    last C{seq} committed and seen here (the store numbers messages).
     """
 
     def __init__(self, name: str, lastSeq: int) -> None:
         self.name = name
         self.lastSeq = lastSeq
         self.members: dict[str, set[ChatProtocol]] = {}
-        #: Messages posted and not yet committed (or failed): the room may
-        #: not be forgotten while there are any, or a reload would reuse seqs.
+        #: Messages posted and not yet committed (or failed): the room is
+        #: not forgotten while there are any (their broadcast needs it).
         self.pending = 0
 
     def connections(self) -> list[ChatProtocol]:
@@ -298,25 +298,27 @@ class ChatService:
         if not batch:
             return
         self._flushing = True
-        before = {room: room.lastSeq for room, _, _, _ in batch}
         now = rfc3339(self.clock.seconds())
-        messages = []
-        rows = []
-        for room, sender, text, done in batch:
-            room.lastSeq += 1
-            message = {
-                "type": "message",
-                "room": room.name,
-                "from": sender,
-                "text": text,
-                "ts": now,
-                "seq": room.lastSeq,
-            }
-            messages.append((room, message, done))
-            rows.append((room.name, room.lastSeq, sender, text, now))
+        rows = [(room.name, sender, text, now) for room, sender, text, _ in batch]
+        # The store numbers the messages in the transaction that stores
+        # them: no seq is ever given out that a failed commit takes back,
+        # and any number of writers sharing the store stay gap-free.
         d = self.store.storeMessages(rows)
 
-        def stored(committedAt: object) -> None:
+        def stored(outcome: tuple[list[int], float]) -> None:
+            seqs, committedAt = outcome
+            messages = []
+            for (room, sender, text, done), seq in zip(batch, seqs, strict=True):
+                room.lastSeq = max(room.lastSeq, seq)
+                message = {
+                    "type": "message",
+                    "room": room.name,
+                    "from": sender,
+                    "text": text,
+                    "ts": now,
+                    "seq": seq,
+                }
+                messages.append((room, message, done))
             # One write per member per room for the whole batch, in seq
             # order: each message encoded once, the same bytes for all.
             byRoom: dict[str, tuple[Room, list[bytes]]] = {}
@@ -329,22 +331,19 @@ class ChatService:
                 members = self.send(room, b"".join(frames), count=len(frames))
                 stats.deliveries["room"] += members * len(frames)
                 seconds = stats.deliverySeconds
-                if isinstance(committedAt, float) and seconds is not None:
+                if seconds is not None:
                     seconds.observe(time.monotonic() - committedAt)
             for _, _, done in messages:
                 done.callback(None)
             self._logStored(messages)
 
         def failed(failure: Any) -> None:
-            # Nothing was committed: give the numbers out again, so no
-            # client ever sees a gap or a seq a crash could take back.
-            for room, lastSeq in before.items():
-                room.lastSeq = lastSeq
-            for _, _, done in messages:
+            # Nothing was committed, and nothing was numbered.
+            for _, _, _, done in batch:
                 done.errback(failure)
 
         def finished(_: object) -> None:
-            for room, _message, _done in messages:
+            for room, _sender, _text, _done in batch:
                 room.pending -= 1
                 self._forgetIfUnused(room)
             self._flushing = False

@@ -107,6 +107,24 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
             """,
         ),
     ),
+    (
+        5,
+        (
+            # Each room's last seq, so that the transaction that stores a
+            # message also numbers it: any number of writers (processes,
+            # nodes) stay gap-free.
+            """
+            CREATE TABLE chat_rooms (
+                room TEXT PRIMARY KEY,
+                last_seq INTEGER NOT NULL
+            )
+            """,
+            """
+            INSERT INTO chat_rooms (room, last_seq)
+            SELECT room, MAX(seq) FROM chat_messages GROUP BY room
+            """,
+        ),
+    ),
 )
 
 #: Seconds a revocation stays readable by other servers.
@@ -383,15 +401,17 @@ class Store:
         return self.transaction(_lastSeq, room)
 
     def storeMessages(
-        self, messages: Sequence[tuple[str, int, str, str, str]]
-    ) -> defer.Deferred[float]:
+        self, messages: Sequence[tuple[str, str, str, str]]
+    ) -> defer.Deferred[tuple[list[int], float]]:
         """
-        Store (room, seq, sender, text, ts) rows in one transaction: the
-        group commit of every message of one reactor turn.  Fires with the
-        C{time.monotonic()} of the commit.
+        Store (room, sender, text, ts) rows in one transaction, the group
+        commit of every message of one reactor turn, numbering each with
+        the next C{seq} of its room inside that transaction.  Fires with
+        the seqs (in the order of C{messages}) and the C{time.monotonic()}
+        of the commit.
         """
         d = self.transaction(_storeMessages, messages)
-        return d.addCallback(lambda _: self.lastCommit)
+        return d.addCallback(lambda seqs: (seqs, self.lastCommit))
 
     def history(
         self, room: str, after: int, limit: int
@@ -672,19 +692,43 @@ def _revocationsAfter(
 
 def _lastSeq(cursor: sqlite3.Cursor, room: str) -> int:
     row = cursor.execute(
-        "SELECT MAX(seq) FROM chat_messages WHERE room = ?", (room,)
+        "SELECT last_seq FROM chat_rooms WHERE room = ?", (room,)
     ).fetchone()
-    return int(row[0] or 0)
+    return int(row[0]) if row else 0
 
 
 def _storeMessages(
-    cursor: sqlite3.Cursor, messages: Sequence[tuple[str, int, str, str, str]]
-) -> None:
+    cursor: sqlite3.Cursor, messages: Sequence[tuple[str, str, str, str]]
+) -> list[int]:
+    counts: dict[str, int] = {}
+    for room, _, _, _ in messages:
+        counts[room] = counts.get(room, 0) + 1
+    next: dict[str, int] = {}
+    for room, count in counts.items():
+        cursor.execute(
+            "INSERT INTO chat_rooms (room, last_seq) VALUES (?, 0) "
+            "ON CONFLICT (room) DO NOTHING",
+            (room,),
+        )
+        (last,) = cursor.execute(
+            "UPDATE chat_rooms SET last_seq = last_seq + ? WHERE room = ? "
+            "RETURNING last_seq",
+            (count, room),
+        ).fetchone()
+        next[room] = last - count + 1
+    seqs = []
+    rows = []
+    for room, sender, text, ts in messages:
+        seq = next[room]
+        next[room] = seq + 1
+        seqs.append(seq)
+        rows.append((room, seq, sender, text, ts))
     cursor.executemany(
         "INSERT INTO chat_messages (room, seq, sender, text, ts) "
         "VALUES (?, ?, ?, ?, ?)",
-        messages,
+        rows,
     )
+    return seqs
 
 
 def _history(
