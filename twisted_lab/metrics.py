@@ -197,9 +197,13 @@ class ServerStats:
         if not isinstance(result, Failure):
             outcome = OK
         else:
-            outcome = getattr(result.value, "code", None) or "internal_error"
-            if not isinstance(outcome, str):
-                outcome = "internal_error"
+            # (Imported here: the message layer imports this module.)
+            from twisted_lab.messages import RequestError
+
+            error = result.value
+            outcome = (
+                error.code if isinstance(error, RequestError) else "internal_error"
+            )
         self.countRequest(kind, outcome)
         if self.requestSeconds is not None:
             self.requestSeconds.labels(kind).observe(time.perf_counter() - started)
