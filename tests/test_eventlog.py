@@ -11,12 +11,15 @@ import os
 import signal
 from pathlib import Path
 
+from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.e2e import DEADLINE, Server, pause
 from twisted_lab.events import DEFAULT_EVENT_LOG_ROTATE_LENGTH, JSONEventLog
 from twisted_lab.server import ServerOptions
+from twisted_lab.wire import FramedSocket
 
 
 def lines(path: Path) -> list[dict]:
@@ -123,3 +126,39 @@ class EventLogRotationTests(SynchronousTestCase):
         self.assertIsNot(signal.getsignal(signal.SIGUSR1), mine)
         eventLog.stop()
         self.assertIs(signal.getsignal(signal.SIGUSR1), mine)
+
+
+class EventLogEndToEndTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_sigusr1RotatesBothLogsOfARealServer(self):
+        """
+        SIGUSR1 to a real twistd rotates its text log (twistd's own
+        handler, still called) and the JSON event log; later events go to
+        the new files.
+        """
+        server = Server(Path(self.mktemp()).absolute(), "netlab-echo", "--port", "0")
+        self.addCleanup(server.cleanup)
+        yield defer.ensureDeferred(server.start())
+        server.process.send_signal(signal.SIGUSR1)
+        rotated = Path(str(server.eventLog) + ".1")
+        textRotated = Path(str(server.logFile) + ".1")
+        waited = 0.0
+        while not (rotated.exists() and textRotated.exists()):
+            self.assertLess(waited, DEADLINE, "the logs were not rotated")
+            yield defer.ensureDeferred(pause())
+            waited += 0.05
+        self.assertIn("listening", [e.get("event") for e in lines(rotated)])
+        echoed = yield threads.deferToThread(self.echo, server.port)
+        self.assertEqual(echoed, b"after")
+        yield defer.ensureDeferred(server.stop())
+        after = [e.get("event") for e in lines(server.eventLog)]
+        self.assertIn("client_connected", after)
+        self.assertNotIn("listening", after)
+        self.assertIn("client connected", server.logFile.read_text())
+
+    def echo(self, port: int) -> bytes:
+        with FramedSocket.connect_to("127.0.0.1", port, timeout=10) as s:
+            s.send_message(b"after")
+            return s.recv_message()
