@@ -121,6 +121,20 @@ class BoundedOutputTests(Harness):
         self.assertEqual(transport.value(), frame)
         self.assertEqual(transport.producerState, "paused", "and no more")
 
+    def test_atAFrameBoundaryReadingStopsAtOnce(self) -> None:
+        """
+        The room for one frame is for a frame the client is in the middle
+        of sending; a client that has sent whole frames and does not read
+        stops being read as soon as its buffer is full.
+        """
+        from twisted_lab.echo import EchoFactory
+
+        factory = EchoFactory(clock=Clock(), maxLength=100_000)
+        protocol, transport, _ = connectProtocol(factory)
+        protocol.output.pauseProducing()
+        protocol.dataReceived(frames(b"w" * 1000))
+        self.assertEqual(transport.producerState, "paused")
+
     def test_manyConnectionsShareABudget(self) -> None:
         """
         Past the server's output budget, every connection stops reading as
@@ -134,7 +148,8 @@ class BoundedOutputTests(Harness):
         for port in range(10):
             protocol, transport, _ = connectProtocol(factory, port=20000 + port)
             protocol.output.pauseProducing()
-            protocol.dataReceived(frames(b"z" * 60_000))
+            # The first 60,004 bytes of a 100,000-byte frame: mid-frame.
+            protocol.dataReceived(frames(b"z" * 100_000)[:60_004])
             transports.append(transport)
         paused = [t.producerState == "paused" for t in transports]
         self.assertEqual(paused[:4], [False] * 4, "within the budget")

@@ -352,15 +352,17 @@ class OutputAccount:
         if not self.blocked:
             return
         self.backlog += size
-        factory = self.connection.factory
+        connection = self.connection
+        factory = connection.factory
         factory.totalBacklog += size
+        # The soft bound is room for the rest of a frame the peer is in the
+        # middle of sending (it may write a whole frame before it reads); at
+        # a frame boundary reading stops as soon as the buffer is full.
+        soft = factory.outputSoftBound if connection.frameStarted is not None else 0
         if self.backlog > factory.maxSendQueue:
-            self.connection.slowConsumer()
-        elif (
-            self.backlog >= factory.outputSoftBound
-            or factory.totalBacklog > factory.outputBudget
-        ):
-            self.connection.pauseReading(OUTPUT_BACKLOG)
+            connection.slowConsumer()
+        elif self.backlog >= soft or factory.totalBacklog > factory.outputBudget:
+            connection.pauseReading(OUTPUT_BACKLOG)
 
     def _forget(self) -> None:
         self.connection.factory.totalBacklog -= self.backlog
