@@ -45,7 +45,11 @@ def cheapHasher(timeCost: int = 1) -> PasswordHasher:
     """
     Real argon2id with test-sized costs (the defaults take ~30 ms a hash).
     """
-    return PasswordHasher(memoryKiB=1024, timeCost=timeCost, parallelism=1)
+    from twisted.internet import reactor
+
+    return PasswordHasher(
+        memoryKiB=1024, timeCost=timeCost, parallelism=1, reactor=reactor
+    )
 
 
 class UsernameRuleTests(SynchronousTestCase):

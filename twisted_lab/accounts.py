@@ -129,7 +129,8 @@ class PasswordHasher:
         timeCost: int = DEFAULT_TIME_COST,
         parallelism: int = DEFAULT_PARALLELISM,
         concurrency: int | None = None,
-        reactor: Any = None,
+        *,
+        reactor: Any,
     ) -> None:
         self.context = CryptContext(
             schemes=["argon2"],
@@ -149,10 +150,6 @@ class PasswordHasher:
         self.onHashed: Callable[[float], object] | None = None
 
     def _threadPool(self) -> tuple[Any, ThreadPool]:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
         if self._pool is None:
             self._pool = ThreadPool(0, self.concurrency, name="netlab-hash")
             # Daemon threads: a hash still running when the process exits

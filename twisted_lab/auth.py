@@ -562,24 +562,33 @@ class Options(StoredServerOptions):
             raise UsageError("--hash-time-cost and --hash-parallelism must be >= 1")
         super().postOptions()
 
-    def hasher(self) -> PasswordHasher:
+    def hasher(self, reactor: Any) -> PasswordHasher:
         return PasswordHasher(
-            self["hash-memory-kib"], self["hash-time-cost"], self["hash-parallelism"]
+            self["hash-memory-kib"],
+            self["hash-time-cost"],
+            self["hash-parallelism"],
+            reactor=reactor,
         )
 
-    def authSettings(self) -> dict[str, Any]:
+    def authSettings(self, reactor: Any) -> dict[str, Any]:
         return {
             "sessionIdle": self["session-idle"],
             "sessionMax": self["session-max"],
             "registrationsPerHour": self["registrations-per-hour"],
-            **self.factorySettings(),
+            **self.factorySettings(reactor),
         }
 
 
-def makeService(config: Options) -> IService:
+def makeService(config: Options, reactor: Any = None) -> IService:
     """
-    The auth server described by C{config} (called by twistd).
+    The auth server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     store = Store(config["db"])
-    factory = AuthFactory(store, config.hasher(), **config.authSettings())
+    factory = AuthFactory(
+        store, config.hasher(reactor), **config.authSettings(reactor)
+    )
     return config.makeStoredService("netlab-auth", store, factory)

@@ -703,16 +703,20 @@ class Options(auth.Options):
     ]
 
 
-def makeService(config: Options) -> IService:
+def makeService(config: Options, reactor: Any = None) -> IService:
     """
-    The chat server described by C{config} (called by twistd).
+    The chat server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     store = Store(config["db"])
     factory = ChatFactory(
         store,
-        config.hasher(),
+        config.hasher(reactor),
         messageRate=config["message-rate"],
         messageBurst=config["message-burst"],
-        **config.authSettings(),
+        **config.authSettings(reactor),
     )
     return config.makeStoredService("netlab-chat", store, factory)

@@ -160,9 +160,14 @@ class Options(ServerOptions):
         super().postOptions()
 
 
-def makeService(config: Options) -> IService:
+def makeService(config: Options, reactor: Any = None) -> IService:
     """
-    The echo server described by C{config} (called by twistd).
+    The echo server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
     """
-    factory = EchoFactory(framing=config["framing"], **config.factorySettings())
+    if reactor is None:
+        from twisted.internet import reactor
+    settings = config.factorySettings(reactor)
+    factory = EchoFactory(framing=config["framing"], **settings)
     return config.makeNetlabService("netlab-echo", factory)

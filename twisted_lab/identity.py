@@ -161,10 +161,14 @@ class Options(StoredServerOptions):
     defaultMaxLength = DEFAULT_MAX_LENGTH
 
 
-def makeService(config: Options) -> IService:
+def makeService(config: Options, reactor: Any = None) -> IService:
     """
-    The identity server described by C{config} (called by twistd).
+    The identity server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     store = Store(config["db"])
-    factory = IdentityFactory(store, **config.factorySettings())
+    factory = IdentityFactory(store, **config.factorySettings(reactor))
     return config.makeStoredService("netlab-identity", store, factory)

@@ -1194,14 +1194,11 @@ class ServerOptions(usage.Options):
         else:
             self["endpoint"] = tcpDescription(self["port"], self["interface"])
 
-    def factorySettings(self) -> dict[str, Any]:
+    def factorySettings(self, reactor: Any) -> dict[str, Any]:
         """
         The keyword arguments every L{ServerFactory} takes, from options,
-        with the reactor as the clock (twistd has installed it by the time
-        it asks a plugin for its service).
+        with C{reactor} as the clock.
         """
-        from twisted.internet import reactor
-
         return {
             "clock": reactor,
             "maxLength": self["max-length"],
@@ -1255,7 +1252,7 @@ class StoredServerOptions(ServerOptions):
         opens first and closes only after the server has stopped.
         """
         top = OrderedServices()
-        storeService = StoreService(store)
+        storeService = StoreService(store, factory.clock)
         storeService.setServiceParent(top)
         server = self.makeNetlabService(serviceName, factory)
         server.readyWhen = lambda: whenOpened(storeService)

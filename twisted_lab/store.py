@@ -461,7 +461,7 @@ class StoreService(Service):
 
     log = Logger()
 
-    def __init__(self, store: Store, reactor: Any = None) -> None:
+    def __init__(self, store: Store, reactor: Any) -> None:
         self.store = store
         self._reactor = reactor
         self.opened: defer.Deferred[Store] | None = None
@@ -489,10 +489,7 @@ class StoreService(Service):
             path=self.store.path,
             reason=failure.getErrorMessage(),
         )
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        reactor.callWhenRunning(reactor.stop)
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> None:
         Service.stopService(self)
