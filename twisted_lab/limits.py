@@ -161,8 +161,7 @@ class FailureThrottle:
         entry.count += 1
         entry.lastFailure = now
         if entry.count > self.free:
-            exponent = min(entry.count - self.free - 1, 30)
-            entry.blockedUntil = now + min(self.cap, self.base * 2**exponent)
+            entry.blockedUntil = now + self._delay(entry.count)
 
     def release(self, key: str) -> None:
         """
@@ -178,10 +177,13 @@ class FailureThrottle:
         elif entry.count <= self.free:
             entry.blockedUntil = 0.0
         else:
-            exponent = min(entry.count - self.free - 1, 30)
-            entry.blockedUntil = entry.lastFailure + min(
-                self.cap, self.base * 2**exponent
-            )
+            entry.blockedUntil = entry.lastFailure + self._delay(entry.count)
+
+    def _delay(self, count: int) -> float:
+        """
+        How long C{count} failures (more than the free ones) block a key.
+        """
+        return min(self.cap, self.base * 2 ** min(count - self.free - 1, 30))
 
     def succeeded(self, key: str) -> None:
         """
