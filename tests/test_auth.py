@@ -36,7 +36,7 @@ from twisted_lab.auth import (
     PasswordCredentials,
     TokenChecker,
 )
-from twisted_lab.messages import RequestError
+from twisted_lab.codec import RequestError
 from twisted_lab.server import addressGroup
 from twisted_lab.store import Store
 

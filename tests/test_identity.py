@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import EventRecorder, frames, openConnection, waitFor
 from tests.test_messages import replies
+from twisted_lab.codec import RequestError
 from twisted_lab.identity import IdentityFactory, validName
-from twisted_lab.messages import RequestError
 from twisted_lab.server import canonicalAddress
 from twisted_lab.store import Store
 

@@ -15,16 +15,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import connectProtocol, frames
+from twisted_lab.codec import Integer, RequestError, Text, decodeRequest, encodeMessage
 from twisted_lab.framing import FrameReceiver
 from twisted_lab.messages import (
     MAX_CONSECUTIVE_ERRORS,
     MAX_QUEUED_REQUESTS,
-    Integer,
     MessageProtocol,
-    RequestError,
-    Text,
-    decodeRequest,
-    encodeMessage,
 )
 from twisted_lab.server import ServerFactory
 

@@ -31,7 +31,7 @@ from passlib.context import CryptContext
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
-from twisted_lab.messages import RequestError
+from twisted_lab.codec import RequestError
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
 MAX_RAW_USERNAME = 128

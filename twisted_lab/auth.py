@@ -37,15 +37,9 @@ from twisted_lab.accounts import (
     newToken,
     tokenDigest,
 )
+from twisted_lab.codec import DEFAULT_MAX_LENGTH, Message, RequestError, Text, rfc3339
 from twisted_lab.limits import FailureThrottle, RequestLimit, TokenBucket
-from twisted_lab.messages import (
-    DEFAULT_MAX_LENGTH,
-    Message,
-    MessageProtocol,
-    RequestError,
-    Text,
-    rfc3339,
-)
+from twisted_lab.messages import MessageProtocol
 from twisted_lab.server import (
     ServerFactory,
     StoredServerOptions,

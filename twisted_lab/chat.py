@@ -31,9 +31,7 @@ from zope.interface import implementer
 from twisted_lab import auth
 from twisted_lab.accounts import canonicalUsername
 from twisted_lab.auth import AUTH_LIMITS, Account, AuthFactory, AuthProtocol, IAccount
-from twisted_lab.framing import encodeFrame
-from twisted_lab.limits import RequestLimit, TokenBucket
-from twisted_lab.messages import (
+from twisted_lab.codec import (
     Integer,
     Message,
     RequestError,
@@ -41,6 +39,8 @@ from twisted_lab.messages import (
     encodeMessage,
     rfc3339,
 )
+from twisted_lab.framing import encodeFrame
+from twisted_lab.limits import RequestLimit, TokenBucket
 from twisted_lab.metrics import ServerStats
 from twisted_lab.server import positiveInt
 from twisted_lab.store import Store

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from twisted_lab.client import ClosedByServer, MessageClient, ServerError, connect
-from twisted_lab.messages import encodeMessage
+from twisted_lab.codec import encodeMessage
 
 if TYPE_CHECKING:
     from twisted_lab.cli import Abort

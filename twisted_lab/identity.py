@@ -16,15 +16,9 @@ from typing import Any
 
 from twisted.application.service import IService
 
+from twisted_lab.codec import DEFAULT_MAX_LENGTH, Message, RequestError, Text, rfc3339
 from twisted_lab.limits import RequestLimit
-from twisted_lab.messages import (
-    DEFAULT_MAX_LENGTH,
-    Message,
-    MessageProtocol,
-    RequestError,
-    Text,
-    rfc3339,
-)
+from twisted_lab.messages import MessageProtocol
 from twisted_lab.server import ServerFactory, StoredServerOptions, canonicalAddress
 from twisted_lab.store import Store
 
