@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.helpers import EventRecorder
+from tests.helpers import EventRecorder, frames
 from twisted_lab import events
 from twisted_lab.client import FrameClient, connect
 from twisted_lab.echo import EchoFactory
@@ -209,3 +209,57 @@ class ServiceTests(TestCase):
 
         result = yield threads.deferToThread(talk)
         self.assertEqual(result, ("héllo", {"type": "ping", "n": [1, 2]}, True))
+
+
+class GracefulCloseTests(TestCase):
+    """
+    A close decided while the client is behind on its reading (idle
+    timeout, end of input) completes, within the close grace at the
+    latest (before, such a connection stayed open for good, and its
+    backlog counted against the server's budget).
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_idleCloseCompletesWhileTheClientIsBehind(self):
+        factory = EchoFactory(idleTimeout=1.0, clock=reactor)
+        service = NetlabService(
+            "netlab-echo", factory, "tcp:0:interface=127.0.0.1", reactor=reactor
+        )
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        port = service.port.getHost().port
+
+        def client() -> tuple[int, int, bool]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.setblocking(False)
+                frame = frames(b"x" * 60_000)
+                sent = 0
+                while True:  # until the server stops reading us
+                    try:
+                        sent += s.send(frame)
+                    except BlockingIOError:
+                        break
+                # Then go quiet past the idle timeout, blocked on nothing
+                # but the server: read everything, and expect its EOF.
+                s.setblocking(True)
+                s.settimeout(10)
+                received = 0
+                try:
+                    while chunk := s.recv(65536):
+                        received += len(chunk)
+                    closed = True
+                except ConnectionResetError:
+                    # What the server had not read of ours makes its close a
+                    # reset (TCP's rule): closed all the same.
+                    closed = True
+                except TimeoutError:
+                    closed = False
+                return sent, received, closed
+
+        sent, received, closed = yield threads.deferToThread(client)
+        self.assertTrue(closed, f"still open after {received} of {sent} bytes")
+        self.assertEqual(factory.connections, set())
+        self.assertEqual(factory.totalBacklog, 0)

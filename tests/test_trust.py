@@ -475,3 +475,79 @@ class LiveSessionTests(AuthHarness):
         self.assertEqual(
             (await self.one(first, {"type": "whoami"}))["type"], "identity"
         )
+
+
+class ReviewRegressionTests(Harness):
+    """
+    Defects an outside review found in the first version of the above.
+    """
+
+    def test_queueHoldsAtMostItsBoundFromOneRead(self) -> None:
+        """
+        One read holding thousands of small requests behind a slow one
+        queues at most MAX_QUEUED_REQUESTS of them; the rest wait as bytes.
+        """
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(
+            frames(request(type="slow"), *[b'{"type":"ping"}'] * 10_000)
+        )
+        self.assertLessEqual(len(protocol._queue), MAX_QUEUED_REQUESTS)
+        protocol.pending.pop().callback({"type": "done"})
+        got = replies(transport)
+        self.assertEqual(len(got), 10_001)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_aGracefulCloseUnregistersTheAccount(self) -> None:
+        """
+        Twisted's FileDescriptor never finishes a close while a streaming
+        producer it paused is registered: an idle close (like every
+        graceful close) unregisters the output account first, and still
+        aborts after the grace if the peer does not read.
+        """
+        protocol, transport, _ = self.connect(idleTimeout=2)
+        protocol.output.pauseProducing()
+        protocol.write(b"x" * 1000)
+        self.assertIs(transport.producer, protocol.output)
+        self.clock.advance(3)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
+        self.assertEqual(protocol.factory.totalBacklog, 0)
+        self.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertTrue(transport.disconnected)
+
+    def test_ourOwnPauseIsNotTheClientsDeadline(self) -> None:
+        """
+        While the server does not read (its queue is full behind a slow
+        request), a frame the client had started is not overdue.
+        """
+        protocol, transport, _ = self.connect(headerTimeout=10, frameTimeout=10)
+        protocol.dataReceived(
+            frames(request(type="slow"), *[request(type="ping")] * 70) + b"\x00\x00"
+        )
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        protocol.pending.pop().callback({"type": "done"})
+        self.clock.advance(5)
+        self.assertFalse(transport.disconnecting, "a fresh deadline after resuming")
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting, "and it still applies")
+
+
+class LostConnectionTests(AuthHarness):
+    @run
+    async def test_aResumeThatEndsAfterTheCloseHoldsNothing(self):
+        """
+        A connection that closes while its resume is being checked does not
+        stay behind as a holder of the session (nor, in chat, as a mind).
+        """
+        factory = await self.makeFactory()
+        _, session = await self.registerAndLogin(factory)
+        protocol, transport = self.connect(factory, "127.0.0.6")
+        protocol.dataReceived(
+            frames(json.dumps({"type": "resume", "token": session["token"]}).encode())
+        )
+        protocol.connectionLost()
+        await waitFor(lambda: protocol._busy is False, what="the resume to end")
+        self.assertIsNone(protocol.account)
+        self.assertEqual(factory.sessions.holders(protocol.sessionDigest or b""), [])
+        self.assertNotIn(protocol, factory.sessions._held)

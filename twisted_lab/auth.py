@@ -234,15 +234,15 @@ class AuthProtocol(MessageProtocol):
         sent at once count as they arrive; a success gives it back.
         """
         factory = self.factory
-        wait = factory.accountFailures.reserve(username)
+        # A blocked address is refused before the account is touched: an
+        # attempt that never reaches the hash must not re-block the account.
+        wait = factory.addressFailures.retryAfter(self.group)
+        if not wait:
+            wait = factory.accountFailures.reserve(username)
         if wait:
             factory.stats.authAttempt("password", "throttled")
             raise self.rateLimited(wait, "password")
-        wait = factory.addressFailures.reserve(self.group)
-        if wait:
-            factory.accountFailures.release(username)
-            factory.stats.authAttempt("password", "throttled")
-            raise self.rateLimited(wait, "password")
+        factory.addressFailures.reserve(self.group)
         try:
             result = await check()
         except UnauthorizedLogin:
@@ -335,6 +335,10 @@ class AuthProtocol(MessageProtocol):
         The connection now acts as C{avatar}, holding session C{digest};
         C{logout} (from the realm) is called when it stops doing so.
         """
+        if self.lost:
+            # The connection closed while the check ran: nobody to act as.
+            logout()
+            return
         self._loggedOut()
         self.account = avatar
         self.sessionDigest = digest

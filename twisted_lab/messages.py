@@ -32,7 +32,7 @@ from twisted_lab.codec import (
     encodeMessage,
     validate,
 )
-from twisted_lab.framing import encodeFrame
+from twisted_lab.framing import FrameReceiver, encodeFrame
 from twisted_lab.limits import RequestLimit
 from twisted_lab.metrics import INVALID_REQUEST
 from twisted_lab.server import FramedServerProtocol
@@ -96,6 +96,7 @@ class MessageProtocol(FramedServerProtocol):
     _serial = 0
     _busy = False
     _draining = False
+    _resuming = False
     _queue: deque[bytes | _CloseWith | _Work] | None = None
 
     def stringReceived(self, frame: bytes) -> None:
@@ -115,6 +116,9 @@ class MessageProtocol(FramedServerProtocol):
             queue = self._queue = deque()
         queue.append(item)
         if len(queue) >= MAX_QUEUED_REQUESTS:
+            # Stop reading, and hold the rest of this read as bytes (not as
+            # queued frames): the queue stays bounded whatever a read holds.
+            self.paused = True
             self.pauseReading(QUEUE_FULL)
         self._drain()
 
@@ -141,8 +145,23 @@ class MessageProtocol(FramedServerProtocol):
                     d.addBoth(self._finished)
         finally:
             self._draining = False
-        if queue is not None and len(queue) < MAX_QUEUED_REQUESTS // 2:
-            self.resumeReading(QUEUE_FULL)
+        if (
+            self.paused
+            and queue is not None
+            and len(queue) < MAX_QUEUED_REQUESTS // 2
+            and not self._resuming
+        ):
+            # Deliver the frames held back, then read again.  (Delivering
+            # may fill the queue and pause once more; this loop is not
+            # re-entered meanwhile.)
+            self._resuming = True
+            try:
+                self.paused = False
+                FrameReceiver.dataReceived(self, b"")
+            finally:
+                self._resuming = False
+            if not self.paused:
+                self.resumeReading(QUEUE_FULL)
 
     def _finished(self, _: object) -> None:
         self._busy = False

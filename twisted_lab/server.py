@@ -303,7 +303,7 @@ class ServerFactory(Factory["ServedConnection"]):
         self._allGone.append(done)
         for connection in list(self.connections):
             connection.serverStopping()
-            connection.transport.loseConnection()
+            connection.closeAfterFlush()
 
         def abortStragglers() -> None:
             for connection in list(self.connections):
@@ -417,6 +417,10 @@ class ServedConnection(Protocol):
     _readPauses: frozenset[str] = frozenset()
     _closeTimer: IDelayedCall | None = None
     _cutOff = False
+    #: The output account is registered as the transport's producer.
+    _accounting = False
+    #: The connection is gone: work that finishes later must not act on it.
+    lost = False
 
     @property
     def log(self) -> Logger:
@@ -455,6 +459,7 @@ class ServedConnection(Protocol):
             "client connected: {peer}", event=events.CLIENT_CONNECTED, peer=self.peer
         )
         self.transport.registerProducer(self.output, True)
+        self._accounting = True
 
     @property
     def admitted(self) -> bool:
@@ -514,6 +519,14 @@ class ServedConnection(Protocol):
             return
         self._readPauses = self._readPauses - {reason}
         if not self._readPauses and not self.transport.disconnecting:
+            # The peer could not send while we did not read: its deadlines
+            # (and idleness) count again from now.
+            now = self.factory.now()
+            self.lastActivity = now
+            if self.frameStarted is not None:
+                self.frameStarted = now
+                if self.frameHeaderAt is not None:
+                    self.frameHeaderAt = now
             self.transport.resumeProducing()
 
     def readingPausedFor(self, reason: str) -> bool:
@@ -539,7 +552,7 @@ class ServedConnection(Protocol):
         Hook: the input has ended.  By default everything was answered as
         it arrived, so the connection closes once its output is flushed.
         """
-        self.transport.loseConnection()
+        self.closeAfterFlush()
 
     # -- writing -------------------------------------------------------------------
 
@@ -548,7 +561,7 @@ class ServedConnection(Protocol):
         Write C{data}, through the output account: every byte a service
         sends to a connection comes here.
         """
-        if self.transport.disconnecting:
+        if self.lost or self.transport.disconnecting:
             return
         self.transport.write(data)
         self.noteSent(len(data), now)
@@ -559,7 +572,7 @@ class ServedConnection(Protocol):
         L{write} for several pieces (a header and a large payload need
         not be joined first).
         """
-        if self.transport.disconnecting:
+        if self.lost or self.transport.disconnecting:
             return
         self.transport.writeSequence(parts)
         size = sum(len(part) for part in parts)
@@ -611,6 +624,13 @@ class ServedConnection(Protocol):
         """
         self.pauseReading(CLOSING)
         self.startCloseTimer()
+        # Twisted's FileDescriptor does not finish a close while a streaming
+        # producer it paused is registered (it resumes the producer when its
+        # buffer drains, and stops there): unregister the account first.
+        self.output.stopProducing()
+        if self._accounting:
+            self._accounting = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def startCloseTimer(self) -> None:
@@ -639,7 +659,8 @@ class ServedConnection(Protocol):
             return
         factory = self.factory
         started = self.frameStarted
-        if started is not None:
+        # While we do not read, the peer cannot keep any deadline.
+        if started is not None and not self._readPauses:
             headerAt = self.frameHeaderAt
             deadline: float | None = None
             if headerAt is None:
@@ -670,7 +691,7 @@ class ServedConnection(Protocol):
                     seconds=idleFor,
                 )
                 self.idleTimedOut()
-                self.transport.loseConnection()
+                self.closeAfterFlush()
 
     def idleTimedOut(self) -> None:
         """
@@ -691,6 +712,7 @@ class ServedConnection(Protocol):
         """
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
         self.output.stopProducing()
@@ -897,6 +919,11 @@ class NetlabService(service.Service):
             self.privilegedStartService()
         service.Service.startService(self)
         self.console.close()
+        # The port file says "ready": it is written once everything started
+        # before this service (the store) has, not when the port is bound.
+        number = getattr(self.port.getHost(), "port", None) if self.port else None
+        if self.portFile and number is not None:
+            _writeAtomically(self.portFile, f"{number}\n")
         if self.metrics is not None:
             self.metrics.startSampling()
         address: Any = self.port.getHost() if self.port is not None else None
@@ -950,8 +977,6 @@ class NetlabService(service.Service):
             interface=interface,
             port=number,
         )
-        if self.portFile and number is not None:
-            _writeAtomically(self.portFile, f"{number}\n")
         return port
 
     def _cannotListen(self, failure: Failure) -> str:

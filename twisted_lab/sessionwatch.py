@@ -86,6 +86,7 @@ class SessionWatch:
         self._users: dict[SessionHolder, str] = {}
         self._position: int | None = None
         self._firstHeld: float | None = None
+        self._failing = False
         self._timer: IDelayedCall | None = None
         self._polling: defer.Deferred[None] | None = None
 
@@ -158,12 +159,15 @@ class SessionWatch:
         self._polling.addBoth(self._polled)
 
     def _failed(self, failure: Any) -> None:
-        # The store is down, say: the next poll tries again.
-        self.log.warn(
-            "cannot check sessions: {reason}",
-            event=events.INTERNAL_ERROR,
-            reason=failure.getErrorMessage(),
-        )
+        # The store is down, say: the next poll tries again.  Said when it
+        # starts failing, not twice a second while it fails.
+        if not self._failing:
+            self._failing = True
+            self.log.warn(
+                "cannot check sessions: {reason}",
+                event=events.INTERNAL_ERROR,
+                reason=failure.getErrorMessage(),
+            )
 
     def _polled(self, _: object) -> None:
         self._polling = None
@@ -175,14 +179,16 @@ class SessionWatch:
         expireAll = False
         if self._position is None:
             # The first look: revocations made since the first session was
-            # held (a margin for clocks), then the log from its newest entry.
-            self._position = await store.lastRevocation()
+            # held (a margin for clocks), then the log from its newest entry
+            # (kept only once both reads succeeded).
+            position = await store.lastRevocation()
             assert self._firstHeld is not None
             for _, digest, reason in await store.revocationsSince(
                 self._firstHeld - CLOCK_MARGIN
             ):
                 for holder in self.holders(digest):
                     self._end(holder, REVOKED, reason)
+            self._position = position
             # And every held session is checked once against the store.
             expireAll = True
         while True:
@@ -204,6 +210,7 @@ class SessionWatch:
                 self._end(holder, EXPIRED, "the session has expired or was revoked")
             else:
                 self._held[holder] = (digest, renewed)
+        self._failing = False
 
     def stop(self) -> defer.Deferred[None]:
         """
