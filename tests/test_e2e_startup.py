@@ -140,3 +140,45 @@ class PrivilegedPortTests(TestCase):
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+class SignalTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_sigusr1LeavesAServerLoggingToStandardOutputRunning(self):
+        """
+        logrotate sends SIGUSR1 to every netlab unit; a server that logs to
+        standard output and has no event log must not die of it.
+        """
+        workdir = Path(self.mktemp()).absolute()
+        workdir.mkdir()
+        process = subprocess.Popen(
+            [
+                str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-",
+                "netlab-echo", "--port", "0",
+                "--port-file", str(workdir / "port"),
+            ],  # fmt: skip
+            cwd=workdir,
+            env=subprocessEnv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        waited = 0.0
+        while not (workdir / "port").exists():
+            self.assertIsNone(process.poll(), "twistd exited early")
+            self.assertLess(waited, DEADLINE, "never listened")
+            yield defer.ensureDeferred(pause())
+            waited += 0.05
+        port = int((workdir / "port").read_text())
+        process.send_signal(signal.SIGUSR1)
+
+        def talk() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(frames(b"after SIGUSR1"))
+                return s.recv(100)
+
+        self.assertEqual((yield threads.deferToThread(talk)), frames(b"after SIGUSR1"))
+        self.assertIsNone(process.poll())

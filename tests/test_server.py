@@ -263,3 +263,22 @@ class GracefulCloseTests(TestCase):
         self.assertTrue(closed, f"still open after {received} of {sent} bytes")
         self.assertEqual(factory.connections, set())
         self.assertEqual(factory.totalBacklog, 0)
+
+
+class MetricsEndpointTests(SynchronousTestCase):
+    def test_aBadMetricsEndpointFailsTheStartInOneLine(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_lab.startup import StartupFailed
+
+        reactor_ = MemoryReactorClock()
+        service = NetlabService(
+            "netlab-echo",
+            EchoFactory(clock=reactor_),
+            "tcp:0:interface=127.0.0.1",
+            reactor=reactor_,
+            metrics="bogus:1",
+        )
+        with self.assertRaises(StartupFailed) as raised:
+            service.privilegedStartService()
+        self.assertIn("cannot serve metrics on bogus:1", str(raised.exception.code))

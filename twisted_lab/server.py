@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -859,6 +860,7 @@ class NetlabService(service.Service):
             else None
         )
         self.closeTimeout = closeTimeout
+        self.handleSignals = eventLogSignal
         self.console = console or Console(None)
         factory.stats.serviceName = serviceName
         self.metrics = (
@@ -899,10 +901,12 @@ class NetlabService(service.Service):
 
     def _listenForMetrics(self, metrics: MetricsServer) -> None:
         outcome: list[Any] = []
-        metrics.listen().addBoth(outcome.append)
+        defer.maybeDeferred(metrics.listen).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):
             reason = (
-                _socketReason(outcome[0]) if outcome else "did not listen at once"
+                _listenReason(outcome[0], metrics.description)
+                if outcome
+                else "did not listen at once"
             )
             message = (
                 f"{self.name}: {reason}: cannot serve metrics on {metrics.description}"
@@ -919,6 +923,8 @@ class NetlabService(service.Service):
             self.privilegedStartService()
         service.Service.startService(self)
         self.console.close()
+        if self.handleSignals:
+            _keepAliveOnSIGUSR1()
         # The port file says "ready": it is written once everything started
         # before this service (the store) has, not when the port is bound.
         number = getattr(self.port.getHost(), "port", None) if self.port else None
@@ -984,11 +990,7 @@ class NetlabService(service.Service):
         # bytes of this to the person waiting for the start.
         port = getattr(failure.value, "port", None)
         where = f"port {port}" if port is not None else self.description
-        reason = _socketReason(failure)
-        if self.description.startswith("systemd:") and failure.check(
-            IndexError, KeyError
-        ):
-            reason = "no such socket from systemd (LISTEN_FDS/PID/FDNAMES)"
+        reason = _listenReason(failure, self.description)
         message = f"{self.name}: {reason}: cannot listen on {where}"
         if failure.check(CannotListenError) and not self.portFallback:
             message += " (--no-port-fallback)"
@@ -1046,12 +1048,32 @@ class OrderedServices(service.MultiService):
         return defer.ensureDeferred(stopInTurn())
 
 
+def _listenReason(failure: Failure, description: str) -> str:
+    """
+    Why listening on endpoint C{description} failed, in a few words.
+    """
+    if description.startswith("systemd:") and failure.check(IndexError, KeyError):
+        return "no such socket from systemd (LISTEN_FDS/PID/FDNAMES)"
+    return _socketReason(failure)
+
+
 def _socketReason(failure: Failure) -> str:
     value = failure.value
     socketError = getattr(value, "socketError", None)
     if socketError is not None:
         return str(getattr(socketError, "strerror", None) or socketError)
     return failure.getErrorMessage()
+
+
+def _keepAliveOnSIGUSR1() -> None:
+    """
+    SIGUSR1 means "reopen your logs" (logrotate sends it to every netlab
+    unit); when neither twistd (a file log) nor the event log handles it,
+    its default action would end the server: ignore it instead.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _writeAtomically(path: str, text: str) -> None:
