@@ -20,12 +20,13 @@ import socket
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, error
 
 from twisted_lab import __version__
+from twisted_lab.chatclient import sanitize
 from twisted_lab.client import (
     BindError,
     ClosedByServer,
@@ -120,7 +121,9 @@ class Output:
         One JSON line (only with C{--json}).
         """
         if self.json:
-            self.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            # ASCII: no control or bidi character from the network reaches a
+            # terminal through --json (jq -r still decodes it).
+            self.stdout.write(json.dumps(record, ensure_ascii=True) + "\n")
             self.stdout.flush()
 
     def report(self, line: str) -> None:
@@ -165,7 +168,9 @@ class Output:
                 **abort.fields,
             }
         )
-        print(f"netlab: {abort}", file=self.stderr, flush=True)
+        # Server-sent text is in it: no control character reaches the
+        # terminal, and the error stays one line.
+        print(f"netlab: {sanitize(str(abort))}", file=self.stderr, flush=True)
 
     def client(self, kind: type[FrameClient], **kwargs: Any) -> Any:
         """
@@ -352,22 +357,39 @@ class StdinReader:
     daemon thread that stays at most C{ahead} lines ahead of the reactor.
     """
 
-    def __init__(self, reactor: Any, ahead: int = 256, stream: Any = None) -> None:
+    def __init__(self, reactor: Any, ahead: int = 256, fd: int | None = None) -> None:
         self.reactor = reactor
-        self.stream = stream if stream is not None else sys.stdin.buffer
+        self.fd = sys.stdin.fileno() if fd is None else fd
         self.lines: defer.DeferredQueue[bytes | None] = defer.DeferredQueue()
         self.slots = threading.Semaphore(ahead)
         threading.Thread(target=self._read, name="netlab-stdin", daemon=True).start()
 
-    def _read(self) -> None:
+    def _split(self) -> Iterator[bytes]:
+        """
+        The lines of the descriptor, read with C{os.read}: no buffered
+        reader's lock is held while waiting, so an interpreter that exits
+        (Ctrl-C) with this thread blocked does not abort.
+        """
+        pending = bytearray()
         while True:
-            self.slots.acquire()
-            raw = self.stream.readline()
-            if not raw:
-                self.reactor.callFromThread(self.lines.put, None)
+            end = pending.find(b"\n")
+            if end >= 0:
+                line = bytes(pending[:end])
+                del pending[: end + 1]
+                yield line
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                if pending:
+                    yield bytes(pending)
                 return
-            line = raw[:-1] if raw.endswith(b"\n") else raw
+            pending += chunk
+
+    def _read(self) -> None:
+        for line in self._split():
+            self.slots.acquire()
             self.reactor.callFromThread(self.lines.put, line)
+        self.reactor.callFromThread(self.lines.put, None)
 
     async def next(self) -> bytes | None:
         """
@@ -1108,6 +1130,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     options.tls = options.tls or options.cafile is not None
     if options.host is not None:
         options.host = normaliseHost(options.host)
+        if not options.host or any(
+            ch.isspace() or ord(ch) < 0x20 for ch in options.host
+        ):
+            buildParser().error(
+                f"--host {sanitize(options.host)!r} is not a host name or address"
+            )
     options.session = None
     saved = _saveTerminal()
     try:

@@ -333,7 +333,13 @@ async def connect(
 
         if cafile:
             with open(cafile, "rb") as f:
-                trustRoot: Any = ssl.Certificate.loadPEM(f.read())
+                pem = f.read()
+            from OpenSSL.crypto import Error as OpenSSLError
+
+            try:
+                trustRoot: Any = ssl.Certificate.loadPEM(pem)
+            except OpenSSLError:
+                raise OSError(0, "not a PEM certificate", cafile) from None
         else:
             trustRoot = ssl.platformTrust()
         client.tls = True
