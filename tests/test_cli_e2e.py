@@ -126,6 +126,16 @@ class ClientEndToEndTests(TestCase):
     def netlab(self, *args: str, stdin: bytes | None = None):
         return defer.ensureDeferred(runNetlab(*args, stdin=stdin, env=self.env))
 
+    def login(self, *where: str, user: str = "alice"):
+        """
+        C{netlab auth login -q} to the server C{where} names, the password
+        (C{password1}) on standard input.
+        """
+        return self.netlab(
+            "auth", "login", "-q", *where, "--user", user, "--password-stdin",
+            stdin=b"password1\n",
+        )  # fmt: skip
+
     def register(self, port: int, *names: str, tls: bool = False) -> None:
         extra = {"tls": True, "cafile": str(self.cert)} if tls else {}
         with FramedSocket.connect_to("localhost", port, **extra) as s:
@@ -247,16 +257,7 @@ class ClientEndToEndTests(TestCase):
         yield defer.ensureDeferred(chat.start())
         self.register(chat.port, "alice")
         where = ("--host", "127.0.0.1", "--port", str(chat.port))
-        out, err, code = yield self.netlab(
-            "auth",
-            "login",
-            "-q",
-            *where,
-            "--user",
-            "alice",
-            "--password-stdin",
-            stdin=b"password1\n",
-        )
+        out, err, code = yield self.login(*where)
         self.assertEqual(code, 0, err)
         [saved] = self.sessionsFile().values()
         with FramedSocket.connect_to("127.0.0.1", chat.port) as s:
@@ -280,16 +281,7 @@ class ClientEndToEndTests(TestCase):
         yield defer.ensureDeferred(chat.start())
         self.register(chat.port, "alice")
         where = ("--host", "127.0.0.1", "--port", str(chat.port))
-        out, err, code = yield self.netlab(
-            "auth",
-            "login",
-            "-q",
-            *where,
-            "--user",
-            "alice",
-            "--password-stdin",
-            stdin=b"password1\n",
-        )
+        out, err, code = yield self.login(*where)
         self.assertEqual(code, 0, err)
         # 30 lines: past the default burst of 20, so some meet rate_limited.
         lines = "".join(f"{n}\n" for n in range(1, 31)).encode()
@@ -414,18 +406,7 @@ class ClientEndToEndTests(TestCase):
             "echo", "-q", *ca, "--port", str(echo.port), "hi"
         )
         self.assertEqual((out, code), (b"hi\n", 0), err)
-        out, err, code = yield self.netlab(
-            "auth",
-            "login",
-            "-q",
-            *ca,
-            "--port",
-            str(chat.port),
-            "--user",
-            "alice",
-            "--password-stdin",
-            stdin=b"password1\n",
-        )
+        out, err, code = yield self.login(*ca, "--port", str(chat.port))
         self.assertEqual(code, 0, err)
         # No --tls: the session's TLS settings are used.
         out, err, code = yield self.netlab(
