@@ -67,6 +67,9 @@ class Server:
         self.logFile = workdir / f"{plugin}.log"
         self.eventLog = workdir / f"{plugin}.events.jsonl"
         self.portFile = workdir / f"{plugin}.port"
+        #: The process's standard output and error: a file, not a pipe
+        #: nobody reads while it runs (a full pipe would stall the server).
+        self.outputFile = workdir / f"{plugin}.stdout"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -87,13 +90,14 @@ class Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.portFile.exists():
             self.portFile.unlink()
-        self.process = subprocess.Popen(
-            self.command(daemon),
-            cwd=self.workdir,
-            env=subprocessEnv(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        with self.outputFile.open("ab") as output:
+            self.process = subprocess.Popen(
+                self.command(daemon),
+                cwd=self.workdir,
+                env=subprocessEnv(),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         waited = 0.0
         while not self.portFile.exists():
             if not daemon and self.process.poll() is not None:
@@ -129,14 +133,14 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
 
     def output(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        if self.process.poll() is None:
+        """
+        What the process wrote to standard output and error so far.
+        """
+        if not self.outputFile.exists():
             return ""
-        return self.process.stdout.read().decode(errors="replace")
+        return self.outputFile.read_text(errors="replace")
 
     def log(self) -> str:
         return self.logFile.read_text() if self.logFile.exists() else ""

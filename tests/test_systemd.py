@@ -151,14 +151,15 @@ class ActivatedServer(Server):
                 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=netlab exec "$@"',
                 "sh",
             ] + command
-        self.process = subprocess.Popen(
-            command,
-            cwd=self.workdir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=passFds,
-        )
+        with self.outputFile.open("ab") as output:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.workdir,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                pass_fds=passFds,
+            )
         waited = 0.0
         while not self.portFile.exists():
             if self.process.poll() is not None:
