@@ -31,8 +31,8 @@ REPO = HERE.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from twisted_lab.accounts import PasswordHasher  # noqa: E402
-from twisted_lab.wire import FramedSocket  # noqa: E402
+from twisted_lab.client.wire import FramedSocket  # noqa: E402
+from twisted_lab.services.accounts import PasswordHasher  # noqa: E402
 
 PASSWORD = "benchmark-password"
 

@@ -37,7 +37,7 @@ REPO = HERE.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from twisted_lab.wire import FramedSocket  # noqa: E402
+from twisted_lab.client.wire import FramedSocket  # noqa: E402
 
 HEADER = struct.Struct("!I")
 PASSWORD = "benchmark-password"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from chat_bench import BIN, REPO, pinned  # noqa: E402
 
-from twisted_lab.wire import FramedSocket  # noqa: E402
+from twisted_lab.client.wire import FramedSocket  # noqa: E402
 
 HEADER = struct.Struct("!I")
 PASSWORD = "benchmark-password"

@@ -16,7 +16,7 @@ import time
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
-from twisted_lab.framing import FrameReceiver, encodeFrame
+from twisted_lab.codecs.framing import FrameReceiver, encodeFrame
 
 
 class StockSink(Int32StringReceiver):

@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_lab.framing import encodeFrame
+from twisted_lab.codecs.framing import encodeFrame
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server
-from twisted_lab.wire import ConnectionClosed, FramedSocket
+from twisted_lab.client.wire import ConnectionClosed, FramedSocket
 
 MAX = 1024 * 1024
 COUNT = 3000

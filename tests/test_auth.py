@@ -21,13 +21,14 @@ from zope.interface.verify import verifyObject
 
 from tests.helpers import EventRecorder, closeIfOpen, frames, openConnection, waitFor
 from tests.test_messages import replies
-from twisted_lab.accounts import (
+from twisted_lab.codecs.message import RequestError
+from twisted_lab.services.accounts import (
     PasswordHasher,
     canonicalUsername,
     checkPassword,
     tokenDigest,
 )
-from twisted_lab.auth import (
+from twisted_lab.services.auth import (
     ACCOUNT_FREE_FAILURES,
     ADDRESS_FREE_FAILURES,
     AccountRealm,
@@ -36,9 +37,8 @@ from twisted_lab.auth import (
     PasswordCredentials,
     TokenChecker,
 )
-from twisted_lab.codec import RequestError
-from twisted_lab.server import addressGroup
-from twisted_lab.store import Store
+from twisted_lab.storage.sqlite import Store
+from twisted_lab.transports.connection import addressGroup
 
 
 def cheapHasher(timeCost: int = 1) -> PasswordHasher:

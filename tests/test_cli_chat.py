@@ -1,5 +1,5 @@
 """
-Unit tests of the chat client's session (L{twisted_lab.chatclient}) on
+Unit tests of the chat client's session (L{twisted_lab.client.chat}) on
 L{StringTransport} and L{MemoryReactorClock}: lines carried out in order,
 one at a time, retried after C{rate_limited} and after a reconnect, the
 reason of a dropped connection shown at once, and text from the network
@@ -20,8 +20,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_lab.chatclient import ChatSession, View, render, sanitize, stamp
-from twisted_lab.client import MessageClient
+from twisted_lab.client.chat import ChatSession, View, render, sanitize, stamp
+from twisted_lab.client.frames import MessageClient
 
 
 def decodeFrames(data: bytes) -> list[dict[str, Any]]:
@@ -362,7 +362,7 @@ class CommandTests(SynchronousTestCase):
         from prompt_toolkit.completion import CompleteEvent
         from prompt_toolkit.document import Document
 
-        from twisted_lab.terminal import ChatCompleter
+        from twisted_lab.client.terminal import ChatCompleter
 
         completer = ChatCompleter(h.session)
 
@@ -441,7 +441,7 @@ class ShowingTests(SynchronousTestCase):
     def test_noColourWithNoColorOrWithoutATerminal(self) -> None:
         import os
 
-        from twisted_lab.chatclient import wantColour
+        from twisted_lab.client.chat import wantColour
 
         class Terminal(io.StringIO):
             def isatty(self) -> bool:
@@ -515,7 +515,7 @@ class LivenessTests(SynchronousTestCase):
 
 class StdinTests(SynchronousTestCase):
     def test_readingPausesWhileManyLinesWait(self) -> None:
-        from twisted_lab.chatclient import StdinLines
+        from twisted_lab.client.chat import StdinLines
 
         h = Harness()
         stdin = StdinLines(h.session)

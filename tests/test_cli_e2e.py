@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from tests.e2e import DEADLINE, Server, pause, runNetlab
 from tests.helpers import BIN, subprocessEnv
 from tests.test_e2e_auth import selfSignedCertificate
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
 
 FAST_HASH = ("--hash-memory-kib", "1024", "--hash-time-cost", "1")
 

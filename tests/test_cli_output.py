@@ -14,7 +14,7 @@ import os
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_lab.cli import Abort, Output, StdinReader
+from twisted_lab.client.cli import Abort, Output, StdinReader
 
 
 class OutputTests(SynchronousTestCase):

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server, netlabCommand
 from tests.helpers import subprocessEnv
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
 
 try:
     import pexpect

@@ -1,5 +1,5 @@
 """
-Unit tests of the saved sessions (L{twisted_lab.sessions}): keyed by
+Unit tests of the saved sessions (L{twisted_lab.client.sessions}): keyed by
 server, private, side by side, and chosen so a token only goes back to the
 server that issued it.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_lab.sessions import (
+from twisted_lab.client.sessions import (
     SYSTEM_TRUST,
     Endpoint,
     Session,
@@ -141,7 +141,7 @@ class ChooseSessionTests(SynchronousTestCase):
 
 class SavedSessionOptionsTests(SynchronousTestCase):
     """
-    L{twisted_lab.cli.useSavedSession}: whoami, logout and passwd take the
+    L{twisted_lab.client.cli.useSavedSession}: whoami, logout and passwd take the
     server, port and TLS settings from the session.
     """
 
@@ -169,7 +169,7 @@ class SavedSessionOptionsTests(SynchronousTestCase):
         return argparse.Namespace(**values)
 
     def test_serverComesFromTheSession(self) -> None:
-        from twisted_lab.cli import useSavedSession
+        from twisted_lab.client.cli import useSavedSession
 
         options = self.options()
         useSavedSession(options, takeServer=True)
@@ -180,7 +180,7 @@ class SavedSessionOptionsTests(SynchronousTestCase):
         self.assertEqual(options.session.token, "t")
 
     def test_aChangedCAFileIsRefused(self) -> None:
-        from twisted_lab.cli import Abort, useSavedSession
+        from twisted_lab.client.cli import Abort, useSavedSession
 
         self.ca.write_bytes(b"a different CA")
         with self.assertRaises(Abort) as raised:
@@ -189,7 +189,7 @@ class SavedSessionOptionsTests(SynchronousTestCase):
         self.assertIn("changed", str(raised.exception))
 
     def test_anotherServerHasNoSession(self) -> None:
-        from twisted_lab.cli import Abort, useSavedSession
+        from twisted_lab.client.cli import Abort, useSavedSession
 
         with self.assertRaises(Abort) as raised:
             useSavedSession(self.options(port=9092), takeServer=True)

@@ -12,8 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import frames
-from twisted_lab.cli import Abort, resolveTarget, validHost, validPort
-from twisted_lab.client import FrameClient
+from twisted_lab.client.cli import Abort, resolveTarget, validHost, validPort
+from twisted_lab.client.frames import FrameClient
 
 
 class FrameClientTests(SynchronousTestCase):
@@ -136,14 +136,14 @@ class PasswordPromptTests(SynchronousTestCase):
         return ask, asked
 
     def test_noEmptyBrackets(self) -> None:
-        from twisted_lab.cli import askUntilValid
+        from twisted_lab.client.cli import askUntilValid
 
         ask, asked = self.answers("alice")
         self.assertEqual(askUntilValid("Username", "", str.strip, ask), "alice")
         self.assertEqual(asked, ["Username: "])
 
     def test_newPasswordAskedTwiceUntilBothAgreeAndItIsLongEnough(self) -> None:
-        from twisted_lab.cli import askNewPassword
+        from twisted_lab.client.cli import askNewPassword
 
         ask, asked = self.answers(
             "short", "long enough", "typo here", "long enough", "long enough"
@@ -164,7 +164,7 @@ class PasswordPromptTests(SynchronousTestCase):
         self.assertIn("the passwords differ", out.getvalue())
 
     def test_endOfInputAtAPasswordPrompt(self) -> None:
-        from twisted_lab.cli import askNewPassword
+        from twisted_lab.client.cli import askNewPassword
 
         ask, _ = self.answers()
         with self.assertRaises(Abort) as raised:
@@ -172,7 +172,7 @@ class PasswordPromptTests(SynchronousTestCase):
         self.assertEqual(raised.exception.code, 2)
 
     def test_passwordRules(self) -> None:
-        from twisted_lab.cli import passwordProblem
+        from twisted_lab.client.cli import passwordProblem
 
         self.assertIsNone(passwordProblem("12345678"))
         self.assertIsNotNone(passwordProblem("1234567"))
@@ -187,13 +187,13 @@ class FailureMessageTests(SynchronousTestCase):
     def message(self, e: Exception):
         import argparse
 
-        from twisted_lab.cli import failureMessage
+        from twisted_lab.client.cli import failureMessage
 
         abort = failureMessage(e, argparse.Namespace(host="h", port=1))
         return None if abort is None else str(abort)
 
     def test_serverErrors(self) -> None:
-        from twisted_lab.client import ServerError
+        from twisted_lab.client.frames import ServerError
 
         self.assertEqual(
             self.message(ServerError({"code": "bad_credentials", "message": "wrong"})),
@@ -231,8 +231,12 @@ class FailureMessageTests(SynchronousTestCase):
 
         from twisted.internet import error
 
-        from twisted_lab.cli import failureMessage
-        from twisted_lab.client import ClosedByServer, ServerError, ServerSpeaksTLS
+        from twisted_lab.client.cli import failureMessage
+        from twisted_lab.client.frames import (
+            ClosedByServer,
+            ServerError,
+            ServerSpeaksTLS,
+        )
 
         def code(e: Exception) -> int:
             abort = failureMessage(e, argparse.Namespace(host="h", port=1))
@@ -256,7 +260,7 @@ class FailureMessageTests(SynchronousTestCase):
 
 class TLSDetectionTests(SynchronousTestCase):
     def test_aTLSAnswerToAPlainClientSaysSo(self) -> None:
-        from twisted_lab.client import MessageClient, ServerSpeaksTLS
+        from twisted_lab.client.frames import MessageClient, ServerSpeaksTLS
 
         client = MessageClient()
         client.makeConnection(StringTransport())
@@ -268,7 +272,7 @@ class TLSDetectionTests(SynchronousTestCase):
         self.assertIn("speaks TLS: connect with --tls", str(failure.value))
 
     def test_closingErrorIsTheReason(self) -> None:
-        from twisted_lab.client import ClosedByServer, MessageClient
+        from twisted_lab.client.frames import ClosedByServer, MessageClient
 
         client = MessageClient()
         client.makeConnection(StringTransport())

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server, runNetlab
 from tests.helpers import subprocessEnv
-from twisted_lab.wire import ConnectionClosed, FramedSocket
+from twisted_lab.client.wire import ConnectionClosed, FramedSocket
 
 
 def selfSignedCertificate(directory: Path) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.e2e import DEADLINE, Server, netlabCommand, pause, runNetlab
 from tests.helpers import subprocessEnv
-from twisted_lab.wire import ConnectionClosed, FramedSocket
+from twisted_lab.client.wire import ConnectionClosed, FramedSocket
 
 FAST_HASH = ("--hash-memory-kib", "1024", "--hash-time-cost", "1")
 

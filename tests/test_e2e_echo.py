@@ -14,8 +14,8 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import DEADLINE, Server, pause, pidAlive, runNetlab
-from twisted_lab import events
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
+from twisted_lab.codecs import events
 
 
 def _recvOrReset(sock: socket.socket) -> bytes:

@@ -14,7 +14,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server, runNetlab
-from twisted_lab.wire import ConnectionClosed, FramedSocket
+from twisted_lab.client.wire import ConnectionClosed, FramedSocket
 
 
 class IdentityEndToEndTests(TestCase):

@@ -15,7 +15,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import Server
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
 
 
 class ShutdownTests(TestCase):

@@ -13,9 +13,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import connectProtocol, frames
-from twisted_lab import events
-from twisted_lab.echo import EchoFactory, FramedEcho, Options, RawEcho
-from twisted_lab.server import CLOSE_GRACE_SECONDS
+from twisted_lab.codecs import events
+from twisted_lab.taps.echo import EchoFactory, FramedEcho, Options, RawEcho
+from twisted_lab.transports.connection import CLOSE_GRACE_SECONDS
 
 
 def echoFactory(**settings) -> EchoFactory:

@@ -17,9 +17,9 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.e2e import DEADLINE, Server, pause
-from twisted_lab.events import DEFAULT_EVENT_LOG_ROTATE_LENGTH, JSONEventLog
-from twisted_lab.server import ServerOptions
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
+from twisted_lab.runtime.eventlog import DEFAULT_EVENT_LOG_ROTATE_LENGTH, JSONEventLog
+from twisted_lab.runtime.server import ServerOptions
 
 
 def lines(path: Path) -> list[dict]:

@@ -1,5 +1,5 @@
 """
-Unit tests of L{twisted_lab.framing}: every split of the stream, oversized
+Unit tests of L{twisted_lab.codecs.framing}: every split of the stream, oversized
 headers, pausing, C{recvd}, and the linear-work guarantee.
 
 Twisted's own tests of the stock receiver run against L{FrameReceiver} in
@@ -15,7 +15,7 @@ from twisted.protocols.basic import Int32StringReceiver, StringTooLongError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import frames
-from twisted_lab.framing import FrameReceiver, encodeFrame
+from twisted_lab.codecs.framing import FrameReceiver, encodeFrame
 
 
 class Recorder(FrameReceiver):

@@ -24,7 +24,7 @@ from twisted.protocols.test import test_basic
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import frames
-from twisted_lab.framing import FrameReceiver
+from twisted_lab.codecs.framing import FrameReceiver
 
 
 class TestFrameReceiver(test_basic.TestMixin, FrameReceiver):

@@ -1,8 +1,19 @@
 """
-The import graph follows the layers of shared/DESIGN.md as far as the code
-has reached them: the codecs (framing, the JSON codec, limits) import no
-other part of netlab and no reactor; the client never imports the server
-side; library code never imports the global reactor (only each service's
+The import graph follows the layers of shared/DESIGN.md, as the folders of
+C{twisted_lab} show them:
+
+    taps         wiring: Options and makeService, one module per plugin
+    runtime      listening, port file, event log, metrics, systemd
+    transports   Int32 (TCP, TLS, unix) and WebSocket adapters, echo
+    dispatch     the one request dispatcher every transport drives
+    services     identity, auth, chat: logic with a clock, stores, clients
+    ports        the interfaces services need (stores, chat clients)
+    storage      SQLite and memory stores
+    codecs       framing, JSON messages, error codes, event names
+    client       the netlab command and its libraries
+
+Each layer imports only the layers below it; the client never imports the
+server side; library code never imports the global reactor (only a tap's
 makeService falls back to it, for twistd).  Checked on the source with
 L{ast}, so an import inside a function counts too.
 """
@@ -16,30 +27,64 @@ from twisted.trial.unittest import SynchronousTestCase
 
 PACKAGE = Path(__file__).resolve().parent.parent / "twisted_lab"
 
-CODECS = {"framing", "codec", "limits"}
-CLIENT = {"client", "chatclient", "cli", "sessions", "terminal", "wire"}
-SERVER = {
-    "server",
-    "messages",
-    "echo",
-    "identity",
-    "auth",
-    "chat",
-    "store",
-    "accounts",
-    "sessionwatch",
-    "startup",
-    "metrics",
-    "systemd",
+#: Each layer and the layers it may import (besides itself).
+ALLOWED = {
+    "codecs": set(),
+    "ports": {"codecs"},
+    "services": {"codecs", "ports"},
+    "storage": {"codecs", "ports"},
+    "dispatch": {"codecs", "ports", "services"},
+    "transports": {"codecs", "ports", "services", "dispatch", "runtime"},
+    "runtime": {"codecs", "ports", "storage", "services", "transports"},
+    "taps": {
+        "codecs",
+        "ports",
+        "services",
+        "storage",
+        "dispatch",
+        "transports",
+        "runtime",
+    },
+    "client": {"codecs"},
 }
 
+#: What service logic never imports (modules or their prefixes).
+FORBIDDEN_IN_SERVICES = (
+    "twisted.internet.reactor",
+    "twisted.protocols.basic",
+    "twisted.web",
+    "twisted.enterprise",
+    "sqlite3",
+    "psycopg",
+    "redis",
+    "txredisapi",
+    "twisted_lab.codecs.framing",
+    "twisted_lab.transports",
+    "twisted_lab.storage",
+)
 
-def imports(module: str) -> list[tuple[str, str]]:
+
+def layerOf(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    if len(relative.parts) == 1:
+        return relative.stem
+    return relative.parts[0]
+
+
+def sourceFiles() -> list[Path]:
+    return sorted(
+        p
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in {"__init__.py", "__main__.py"}
+    )
+
+
+def imports(path: Path) -> list[tuple[str, str]]:
     """
     (imported module, enclosing function or "") for every import in
-    C{module}.
+    C{path}.
     """
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     found: list[tuple[str, str]] = []
 
     def visit(node: ast.AST, function: str) -> None:
@@ -59,32 +104,56 @@ def imports(module: str) -> list[tuple[str, str]]:
     return found
 
 
-def netlabModules(module: str) -> set[str]:
+def netlabLayers(path: Path) -> set[str]:
     prefix = "twisted_lab."
     return {
         name[len(prefix) :].split(".")[0]
-        for name, _ in imports(module)
+        for name, _ in imports(path)
         if name.startswith(prefix)
     }
 
 
 class LayerTests(SynchronousTestCase):
     def test_everyModuleIsInALayer(self) -> None:
-        modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-        self.assertEqual(modules - CODECS - CLIENT - SERVER - {"events"}, set())
+        stray = {
+            str(p.relative_to(PACKAGE))
+            for p in sourceFiles()
+            if layerOf(p) not in ALLOWED and p.name != "wire.py"
+        }
+        self.assertEqual(stray, set())
 
-    def test_codecsImportNothingOfNetlab(self) -> None:
-        for module in CODECS:
-            self.assertEqual(netlabModules(module), set(), module)
+    def test_eachLayerImportsOnlyTheLayersBelow(self) -> None:
+        for path in sourceFiles():
+            layer = layerOf(path)
+            if layer == "wire":  # the compatibility name of client.wire
+                self.assertEqual(netlabLayers(path), {"client"})
+                continue
+            wrong = netlabLayers(path) - ALLOWED[layer] - {layer}
+            self.assertEqual(wrong, set(), f"{path.relative_to(PACKAGE)}")
 
-    def test_theClientNeverImportsTheServerSide(self) -> None:
-        for module in CLIENT:
-            self.assertEqual(netlabModules(module) & SERVER, set(), module)
+    def test_serviceLogicImportsNoTransportStorageOrReactor(self) -> None:
+        checked = 0
+        for path in sourceFiles():
+            if layerOf(path) not in {"services", "ports", "dispatch"}:
+                continue
+            checked += 1
+            for name, _ in imports(path):
+                self.assertFalse(
+                    name.startswith(FORBIDDEN_IN_SERVICES),
+                    f"{path.relative_to(PACKAGE)} imports {name}",
+                )
+        self.assertGreater(checked, 5)
+
+    def test_theCheckSeesAForbiddenImport(self) -> None:
+        """
+        The checks above would notice: an import inside a function is seen.
+        """
+        found = imports(PACKAGE / "taps" / "echo.py")
+        self.assertIn(("twisted.internet.reactor", "makeService"), found)
 
     def test_libraryCodeNeverImportsTheGlobalReactor(self) -> None:
-        for module in CODECS | SERVER | {"events"}:
-            for name, function in imports(module):
+        for path in sourceFiles():
+            for name, function in imports(path):
                 if name == "twisted.internet.reactor":
-                    self.assertEqual(
-                        function, "makeService", f"{module} imports the reactor"
-                    )
+                    self.assertEqual(layerOf(path), "taps", str(path))
+                    self.assertEqual(function, "makeService", str(path))

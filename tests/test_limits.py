@@ -1,5 +1,5 @@
 """
-Unit tests for L{twisted_lab.limits}: token buckets, failure throttles that
+Unit tests for L{twisted_lab.services.limits}: token buckets, failure throttles that
 reserve before they spend, and bookkeeping that stays small and cheap.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_lab.limits import FailureThrottle, TokenBucket
+from twisted_lab.services.limits import FailureThrottle, TokenBucket
 
 
 class FailureThrottleTests(SynchronousTestCase):

@@ -15,14 +15,20 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import connectProtocol, frames
-from twisted_lab.codec import Integer, RequestError, Text, decodeRequest, encodeMessage
-from twisted_lab.framing import FrameReceiver
-from twisted_lab.messages import (
+from twisted_lab.codecs.framing import FrameReceiver
+from twisted_lab.codecs.message import (
+    Integer,
+    RequestError,
+    Text,
+    decodeRequest,
+    encodeMessage,
+)
+from twisted_lab.transports.connection import ServerFactory
+from twisted_lab.transports.int32 import (
     MAX_CONSECUTIVE_ERRORS,
     MAX_QUEUED_REQUESTS,
     MessageProtocol,
 )
-from twisted_lab.server import ServerFactory
 
 
 class Sample(MessageProtocol):

@@ -1,5 +1,5 @@
 """
-Unit tests of the Prometheus metrics (L{twisted_lab.metrics}): the counters
+Unit tests of the Prometheus metrics (L{twisted_lab.runtime.metrics}): the counters
 move as docs/operations.md says, read through the text exposition exactly
 as a scrape reads them; each server has its own registry.
 """
@@ -22,12 +22,13 @@ from tests.helpers import connectProtocol, frames
 from tests.test_auth import run
 from tests.test_chat import ChatHarness
 from tests.test_messages import Sample, replies
-from twisted_lab.echo import EchoFactory, RawEcho
-from twisted_lab.limits import RequestLimit
-from twisted_lab.metrics import LAG_INTERVAL, MetricsServer, ServerStats
-from twisted_lab.server import NetlabService, ServerFactory
-from twisted_lab.startup import StartupFailed
-from twisted_lab.systemd import whenOpened
+from twisted_lab.runtime.metrics import LAG_INTERVAL, MetricsServer, ServerStats
+from twisted_lab.runtime.server import NetlabService
+from twisted_lab.runtime.startup import StartupFailed
+from twisted_lab.runtime.systemd import whenOpened
+from twisted_lab.services.limits import RequestLimit
+from twisted_lab.taps.echo import EchoFactory, RawEcho
+from twisted_lab.transports.connection import ServerFactory
 
 
 def scrape(stats: ServerStats) -> dict[tuple[str, frozenset], float]:
@@ -226,7 +227,7 @@ class ReadinessTests(SynchronousTestCase):
         Readiness waits for the store: true once it opened, false if it
         failed; the store service's own Deferred keeps its result.
         """
-        from twisted_lab.store import Store
+        from twisted_lab.storage.sqlite import Store
 
         class FakeStoreService:
             opened: defer.Deferred | None = None

@@ -14,11 +14,15 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import EventRecorder, frames
-from twisted_lab import events
-from twisted_lab.client import FrameClient, connect
-from twisted_lab.echo import EchoFactory
-from twisted_lab.server import NetlabService, fallbackDescription, tcpDescription
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.frames import FrameClient, connect
+from twisted_lab.client.wire import FramedSocket
+from twisted_lab.codecs import events
+from twisted_lab.runtime.server import (
+    NetlabService,
+    fallbackDescription,
+    tcpDescription,
+)
+from twisted_lab.taps.echo import EchoFactory
 
 
 def _recvOrReset(sock: socket.socket) -> bytes:
@@ -269,7 +273,7 @@ class MetricsEndpointTests(SynchronousTestCase):
     def test_aBadMetricsEndpointFailsTheStartInOneLine(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from twisted_lab.startup import StartupFailed
+        from twisted_lab.runtime.startup import StartupFailed
 
         reactor_ = MemoryReactorClock()
         service = NetlabService(

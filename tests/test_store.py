@@ -12,7 +12,7 @@ import stat
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from twisted_lab.store import LATEST_VERSION, MIGRATIONS, Store
+from twisted_lab.storage.sqlite import LATEST_VERSION, MIGRATIONS, Store
 
 NOW = "2026-11-25T10:00:00Z"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from twisted_lab.store import MIGRATIONS, Store
+from twisted_lab.storage.sqlite import MIGRATIONS, Store
 
 
 class SeqInTransactionTests(TestCase):

@@ -22,8 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.e2e import DEADLINE, Server, pause
 from tests.helpers import subprocessEnv
-from twisted_lab.systemd import SystemdNotifier
-from twisted_lab.wire import FramedSocket
+from twisted_lab.client.wire import FramedSocket
+from twisted_lab.runtime.systemd import SystemdNotifier
 
 
 def notifySocket(test) -> tuple[socket.socket, str]:
@@ -105,9 +105,9 @@ class NoSocketTests(SynchronousTestCase):
         """
         from twisted.internet.task import Clock
 
-        from twisted_lab.echo import EchoFactory
-        from twisted_lab.server import NetlabService
-        from twisted_lab.startup import StartupFailed
+        from twisted_lab.runtime.server import NetlabService
+        from twisted_lab.runtime.startup import StartupFailed
+        from twisted_lab.taps.echo import EchoFactory
 
         service = NetlabService(
             "netlab-echo",

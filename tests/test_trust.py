@@ -16,12 +16,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import EventRecorder, connectProtocol, frames, waitFor
 from tests.test_auth import AuthHarness, cheapHasher, run
 from tests.test_messages import Harness, SampleFactory, replies
-from twisted_lab import events
-from twisted_lab.events import LogBudget
-from twisted_lab.limits import RequestLimit
-from twisted_lab.messages import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
-from twisted_lab.server import CLOSE_GRACE_SECONDS
-from twisted_lab.sessionwatch import POLL_SECONDS, SessionWatch
+from twisted_lab.codecs import events
+from twisted_lab.runtime.eventlog import LogBudget
+from twisted_lab.services.limits import RequestLimit
+from twisted_lab.services.sessionwatch import POLL_SECONDS, SessionWatch
+from twisted_lab.transports.connection import CLOSE_GRACE_SECONDS
+from twisted_lab.transports.int32 import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
 
 
 def request(**fields: object) -> bytes:
@@ -110,7 +110,7 @@ class BoundedOutputTests(Harness):
         The echo keeps reading until one maximum-length frame is waiting,
         so a client that writes a whole frame before reading gets it back.
         """
-        from twisted_lab.echo import EchoFactory
+        from twisted_lab.taps.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000)
         protocol, transport, _ = connectProtocol(factory)
@@ -127,7 +127,7 @@ class BoundedOutputTests(Harness):
         of sending; a client that has sent whole frames and does not read
         stops being read as soon as its buffer is full.
         """
-        from twisted_lab.echo import EchoFactory
+        from twisted_lab.taps.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000)
         protocol, transport, _ = connectProtocol(factory)
@@ -141,7 +141,7 @@ class BoundedOutputTests(Harness):
         soon as its own buffer is full: many clients that each leave a
         large frame unread cannot add up without bound.
         """
-        from twisted_lab.echo import EchoFactory
+        from twisted_lab.taps.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000, outputBudget=250_000)
         transports = []

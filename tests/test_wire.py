@@ -1,5 +1,5 @@
 """
-Unit tests of L{twisted_lab.wire.FramedSocket} over a socket pair.
+Unit tests of L{twisted_lab.client.wire.FramedSocket} over a socket pair.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_lab.wire import ConnectionClosed, FramedSocket, FrameTooLong
+from twisted_lab.client.wire import ConnectionClosed, FramedSocket, FrameTooLong
 
 
 class FramedSocketTests(SynchronousTestCase):
@@ -121,7 +121,7 @@ class FramedTLSSocketTests(SynchronousTestCase):
         self.addCleanup(self.thread.join, 10)
 
     def test_verifiedRoundTrip(self) -> None:
-        from twisted_lab.wire import FramedTLSSocket
+        from twisted_lab.client.wire import FramedTLSSocket
 
         with FramedSocket.connect_to(
             "localhost", self.port, tls=True, cafile=str(self.cert)

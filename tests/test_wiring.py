@@ -11,8 +11,9 @@ from pathlib import Path
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_lab import auth, chat, echo, identity
-from twisted_lab.server import NetlabService
+from twisted_lab.runtime.server import NetlabService
+from twisted_lab.services import auth, chat, identity
+from twisted_lab.taps import echo
 
 
 def netlabServices(top) -> list[NetlabService]:

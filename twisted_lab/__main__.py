@@ -2,6 +2,6 @@
 C{python -m twisted_lab ...} is the C{netlab} command.
 """
 
-from twisted_lab.cli import main
+from twisted_lab.client.cli import main
 
 main()

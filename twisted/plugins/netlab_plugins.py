@@ -10,28 +10,28 @@ from twisted.application.service import ServiceMaker
 
 netlabEcho = ServiceMaker(
     "netlab echo server",
-    "twisted_lab.echo",
+    "twisted_lab.taps.echo",
     "Echo Int32-framed messages (or raw bytes) back to the sender.",
     "netlab-echo",
 )
 
 netlabIdentity = ServiceMaker(
     "netlab identity server",
-    "twisted_lab.identity",
+    "twisted_lab.services.identity",
     "Recognise clients by IP address and greet them by name.",
     "netlab-identity",
 )
 
 netlabAuth = ServiceMaker(
     "netlab auth server",
-    "twisted_lab.auth",
+    "twisted_lab.services.auth",
     "Accounts and sessions: register, login, tokens, argon2id hashes.",
     "netlab-auth",
 )
 
 netlabChat = ServiceMaker(
     "netlab chat server",
-    "twisted_lab.chat",
+    "twisted_lab.services.chat",
     "Chat rooms, private messages and lossless history on netlab accounts.",
     "netlab-chat",
 )

@@ -6,7 +6,7 @@ aware), input history (Up/Down, Ctrl-R), Tab completion of commands, rooms
 and names, and, inside L{patch_stdout}, prints what arrives above the input
 line instead of through it.  It runs on asyncio, so the command installs
 Twisted's asyncio reactor before anything else touches the reactor; the
-chat session itself (L{twisted_lab.chatclient.ChatSession}) does not know
+chat session itself (L{twisted_lab.client.chat.ChatSession}) does not know
 which front end it has.  Why prompt_toolkit rather than
 C{twisted.conch.recvline} is explained in C{docs/guide.md}.
 """
@@ -27,7 +27,7 @@ from prompt_toolkit.styles import Style
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from twisted_lab.chatclient import ALIASES, COMMANDS, ChatSession, View
+from twisted_lab.client.chat import ALIASES, COMMANDS, ChatSession, View
 
 EXIT_INTERRUPTED = 130
 

@@ -19,13 +19,13 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python.usage import UsageError
 
-from twisted_lab.framing import HEADER, HEADER_SIZE
-from twisted_lab.server import (
+from twisted_lab.codecs.framing import HEADER, HEADER_SIZE
+from twisted_lab.runtime.server import ServerOptions
+from twisted_lab.transports.connection import (
     CLOSING,
     FramedServerProtocol,
     ServedConnection,
     ServerFactory,
-    ServerOptions,
 )
 
 DEFAULT_PORT = 9090

@@ -8,7 +8,8 @@ a validated request, a reply to bytes (C{docs/protocol.md} section 3).
   - L{Schema}: per-type field validation, so handlers never see malformed
     input;
   - L{RequestError}: an error reply with a stable code;
-  - L{encodeMessage}, L{rfc3339}: what goes back.
+  - L{encodeMessage}, L{Outgoing}, L{rfc3339}: what goes back (a
+    broadcast encoded once per wire format).
 
 It knows nothing of connections, framing or Twisted, so every transport
 (Int32 frames today) and the client use the same rules.
@@ -17,10 +18,12 @@ It knows nothing of connections, framing or Twisted, so every transport
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 DEFAULT_MAX_LENGTH = 64 * 1024
 MAX_ID_LENGTH = 128
@@ -158,6 +161,47 @@ def encodeMessage(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode(
         "utf-8"
     )
+
+
+class Outgoing:
+    """
+    Server messages on their way to one or many connections, encoded at
+    most once per wire format however many connections receive them.
+
+    The service builds one for a broadcast and hands the same object to
+    every member; each transport asks for its own form (L{form}), made
+    from the messages the first time and kept, so a room of 200 costs one
+    JSON encoding and one Int32 framing, not 200.
+    """
+
+    __slots__ = ("messages", "_forms", "_json")
+
+    def __init__(self, *messages: Mapping[str, Any]) -> None:
+        self.messages = messages
+        self._json: tuple[bytes, ...] | None = None
+        self._forms: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def json(self) -> tuple[bytes, ...]:
+        """
+        Each message as compact UTF-8 JSON (L{encodeMessage}).
+        """
+        if self._json is None:
+            self._json = tuple(encodeMessage(m) for m in self.messages)
+        return self._json
+
+    def form(self, name: str, make: Callable[[tuple[bytes, ...]], T]) -> T:
+        """
+        The messages in the wire format C{name}, made from their JSON by
+        C{make} the first time any connection asks.
+        """
+        try:
+            return cast(T, self._forms[name])
+        except KeyError:
+            made = self._forms[name] = make(self.json())
+            return made
 
 
 def rfc3339(timestamp: float) -> str:

@@ -26,8 +26,8 @@ from typing import Any, NoReturn, TextIO
 from twisted.internet import defer, error
 
 from twisted_lab import __version__
-from twisted_lab.chatclient import sanitize
-from twisted_lab.client import (
+from twisted_lab.client.chat import sanitize
+from twisted_lab.client.frames import (
     BindError,
     ClosedByServer,
     ClosedWithoutAnswer,
@@ -38,7 +38,7 @@ from twisted_lab.client import (
     TLSHandshakeLost,
     connect,
 )
-from twisted_lab.sessions import (
+from twisted_lab.client.sessions import (
     Endpoint,
     Session,
     SessionChoiceError,
@@ -972,7 +972,7 @@ async def runChat(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab chat} command.
     """
-    from twisted_lab.chatclient import runChatSession
+    from twisted_lab.client.chat import runChatSession
 
     return await runChatSession(reactor, options)
 

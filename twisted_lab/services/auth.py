@@ -26,8 +26,20 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from zope.interface import Attribute, Interface, implementer
 
-from twisted_lab import events
-from twisted_lab.accounts import (
+from twisted_lab.codecs import events
+from twisted_lab.codecs.message import (
+    DEFAULT_MAX_LENGTH,
+    Message,
+    RequestError,
+    Text,
+    rfc3339,
+)
+from twisted_lab.runtime.server import (
+    StoredServerOptions,
+    nonNegativeFloat,
+    positiveInt,
+)
+from twisted_lab.services.accounts import (
     DEFAULT_MEMORY_KIB,
     DEFAULT_PARALLELISM,
     DEFAULT_TIME_COST,
@@ -37,17 +49,11 @@ from twisted_lab.accounts import (
     newToken,
     tokenDigest,
 )
-from twisted_lab.codec import DEFAULT_MAX_LENGTH, Message, RequestError, Text, rfc3339
-from twisted_lab.limits import FailureThrottle, RequestLimit, TokenBucket
-from twisted_lab.messages import MessageProtocol
-from twisted_lab.server import (
-    ServerFactory,
-    StoredServerOptions,
-    nonNegativeFloat,
-    positiveInt,
-)
-from twisted_lab.sessionwatch import SessionWatch
-from twisted_lab.store import Store
+from twisted_lab.services.limits import FailureThrottle, RequestLimit, TokenBucket
+from twisted_lab.services.sessionwatch import SessionWatch
+from twisted_lab.storage.sqlite import Store
+from twisted_lab.transports.connection import ServerFactory
+from twisted_lab.transports.int32 import MessageProtocol
 
 T = TypeVar("T")
 

@@ -29,8 +29,8 @@ from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from twisted_lab.codec import encodeMessage
-from twisted_lab.framing import FrameReceiver
+from twisted_lab.codecs.framing import FrameReceiver
+from twisted_lab.codecs.message import encodeMessage
 
 Report = Callable[[str], None]
 #: Receives each connection event as a dict with an C{event} field

@@ -16,11 +16,18 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from twisted_lab.codec import DEFAULT_MAX_LENGTH, Message, RequestError, Text, rfc3339
-from twisted_lab.limits import RequestLimit
-from twisted_lab.messages import MessageProtocol
-from twisted_lab.server import ServerFactory, StoredServerOptions, canonicalAddress
-from twisted_lab.store import Store
+from twisted_lab.codecs.message import (
+    DEFAULT_MAX_LENGTH,
+    Message,
+    RequestError,
+    Text,
+    rfc3339,
+)
+from twisted_lab.runtime.server import StoredServerOptions
+from twisted_lab.services.limits import RequestLimit
+from twisted_lab.storage.sqlite import Store
+from twisted_lab.transports.connection import ServerFactory, canonicalAddress
+from twisted_lab.transports.int32 import MessageProtocol
 
 DEFAULT_PORT = 9091
 MAX_NAME_CHARS = 64

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_lab.startup import StartupFailed
+from twisted_lab.runtime.startup import StartupFailed
 
 DEFAULT_PATH = "netlab.sqlite3"
 
@@ -96,7 +96,7 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
         (
             # Sessions ended by logout or a password change, for every
             # server sharing the file to end the connections that use them
-            # (see twisted_lab.sessions); kept an hour, read by position.
+            # (see twisted_lab.client.sessions); kept an hour, read by position.
             """
             CREATE TABLE revocations (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -451,7 +451,7 @@ class StoreService(Service):
     """
     Opens the store when the application starts and closes it when it
     stops.  Put it before the servers that use it in an
-    L{twisted_lab.server.OrderedServices}, so it closes after them.
+    L{twisted_lab.transports.connection.OrderedServices}, so it closes after them.
 
     A store that cannot be opened (a newer schema, an unreadable file) is
     logged and fails the start (L{StartupFailed}: twistd exits non-zero,

@@ -11,7 +11,7 @@ throttling, everything the auth and chat services share about who a user is.
     memory cost while it runs).
   - Tokens: C{secrets.token_urlsafe(32)} (256 bits), stored only as their
     SHA-256 digest.
-  - Throttles (L{twisted_lab.limits}) are applied by the auth protocol.
+  - Throttles (L{twisted_lab.services.limits}) are applied by the auth protocol.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from passlib.context import CryptContext
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
-from twisted_lab.codec import RequestError
+from twisted_lab.codecs.message import RequestError
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
 MAX_RAW_USERNAME = 128

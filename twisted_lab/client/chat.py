@@ -37,11 +37,16 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
-from twisted_lab.client import ClosedByServer, MessageClient, ServerError, connect
-from twisted_lab.codec import encodeMessage
+from twisted_lab.client.frames import (
+    ClosedByServer,
+    MessageClient,
+    ServerError,
+    connect,
+)
+from twisted_lab.codecs.message import encodeMessage
 
 if TYPE_CHECKING:
-    from twisted_lab.cli import Abort
+    from twisted_lab.client.cli import Abort
 
 log = Logger()
 
@@ -923,7 +928,7 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab chat} command once the token (or password) is known.
     """
-    from twisted_lab.cli import EXIT_LOST, EXIT_OK, Output
+    from twisted_lab.client.cli import EXIT_LOST, EXIT_OK, Output
 
     out: Output = options.out
     view = View(json=options.json, colour=wantColour(sys.stdout) and not options.json)
@@ -944,8 +949,8 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
         )
 
     def saveToken(session: dict[str, Any]) -> None:
-        from twisted_lab.cli import endpointOf
-        from twisted_lab.sessions import Session, SessionStore
+        from twisted_lab.client.cli import endpointOf
+        from twisted_lab.client.sessions import Session, SessionStore
 
         SessionStore().save(
             Session(
@@ -957,7 +962,7 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
         )
 
     if terminal:
-        from twisted_lab.terminal import TerminalView
+        from twisted_lab.client.terminal import TerminalView
 
         terminalView = TerminalView(colour=wantColour(sys.stdout))
         view = terminalView
@@ -994,7 +999,7 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
             session.typed(options.say)
             session.inputEnded()
         elif terminal:
-            from twisted_lab.terminal import runTerminal
+            from twisted_lab.client.terminal import runTerminal
 
             return await runTerminal(session, terminalView)
         else:
@@ -1030,13 +1035,13 @@ def _forgetSession(options: argparse.Namespace, token: str | None) -> None:
     """
     if token is None:
         return
-    from twisted_lab.cli import endpointOf
-    from twisted_lab.sessions import SessionStore
+    from twisted_lab.client.cli import endpointOf
+    from twisted_lab.client.sessions import SessionStore
 
     SessionStore().forget(endpointOf(options), token)
 
 
 def _abort(message: str, code: int) -> Abort:
-    from twisted_lab.cli import Abort
+    from twisted_lab.client.cli import Abort
 
     return Abort(message, code=code)

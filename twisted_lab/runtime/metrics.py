@@ -198,7 +198,7 @@ class ServerStats:
             outcome = OK
         else:
             # (Imported here: the message layer imports this module.)
-            from twisted_lab.codec import RequestError
+            from twisted_lab.codecs.message import RequestError
 
             error = result.value
             outcome = (

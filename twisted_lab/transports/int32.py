@@ -2,7 +2,7 @@
 The JSON request dispatcher of the identity, auth and chat services, on
 Int32 frames (C{docs/protocol.md} section 3).
 
-L{MessageProtocol} decodes each frame with L{twisted_lab.codec}, dispatches
+L{MessageProtocol} decodes each frame with L{twisted_lab.codecs.message}, dispatches
 it to a C{request_<type>} method that may return a Deferred, and writes the
 replies in request order: every malformed frame is answered by an C{error}
 on a connection that stays usable, consecutive errors are bounded, each
@@ -23,8 +23,9 @@ from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from twisted_lab import events
-from twisted_lab.codec import (
+from twisted_lab.codecs import events
+from twisted_lab.codecs.framing import FrameReceiver, encodeFrame
+from twisted_lab.codecs.message import (
     Message,
     RequestError,
     Schema,
@@ -32,10 +33,9 @@ from twisted_lab.codec import (
     encodeMessage,
     validate,
 )
-from twisted_lab.framing import FrameReceiver, encodeFrame
-from twisted_lab.limits import RequestLimit
-from twisted_lab.metrics import INVALID_REQUEST
-from twisted_lab.server import FramedServerProtocol
+from twisted_lab.runtime.metrics import INVALID_REQUEST
+from twisted_lab.services.limits import RequestLimit
+from twisted_lab.transports.connection import FramedServerProtocol
 
 #: Consecutive malformed requests after which the server gives up.
 MAX_CONSECUTIVE_ERRORS = 20

@@ -28,10 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_lab import auth
-from twisted_lab.accounts import canonicalUsername
-from twisted_lab.auth import AUTH_LIMITS, Account, AuthFactory, AuthProtocol, IAccount
-from twisted_lab.codec import (
+from twisted_lab.codecs.framing import encodeFrame
+from twisted_lab.codecs.message import (
     Integer,
     Message,
     RequestError,
@@ -39,11 +37,19 @@ from twisted_lab.codec import (
     encodeMessage,
     rfc3339,
 )
-from twisted_lab.framing import encodeFrame
-from twisted_lab.limits import RequestLimit, TokenBucket
-from twisted_lab.metrics import ServerStats
-from twisted_lab.server import positiveInt
-from twisted_lab.store import Store
+from twisted_lab.runtime.metrics import ServerStats
+from twisted_lab.runtime.server import positiveInt
+from twisted_lab.services import auth
+from twisted_lab.services.accounts import canonicalUsername
+from twisted_lab.services.auth import (
+    AUTH_LIMITS,
+    Account,
+    AuthFactory,
+    AuthProtocol,
+    IAccount,
+)
+from twisted_lab.services.limits import RequestLimit, TokenBucket
+from twisted_lab.storage.sqlite import Store
 
 DEFAULT_PORT = 9093
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")

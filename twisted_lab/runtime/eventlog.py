@@ -1,11 +1,10 @@
 """
-Structured server events: names, the data-event meter, the JSON event log.
+The server's event log: the data-event meter, the log budget, the JSON
+event log with its rotation.
 
 Every netlab server event is a L{twisted.logger} event with a stable
-C{event} field (the names below are part of the operator's interface: log
-processors match on them) and a readable C{log_format}.  Payloads,
-passwords and tokens are never passed as fields, because every keyword
-given to a L{Logger} call is serialised by the JSON observer.
+C{event} field (named in L{twisted_lab.codecs.events}) and a readable
+C{log_format}.
 
 Per-read and per-write events are what an operator wants on a quiet server
 and what would cost more than the work itself under a flood (about 21 us per
@@ -32,28 +31,12 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-# Event names (the `event` field).  Kept here so tests and docs use one list.
-SERVER_STARTED = "server_started"
-LISTENING = "listening"
-PORT_FALLBACK = "port_fallback"
-LISTEN_FAILED = "listen_failed"
-CLIENT_CONNECTED = "client_connected"
-DATA_RECEIVED = "data_received"
-DATA_SENT = "data_sent"
-DATA_SUMMARY = "data_summary"
-CLIENT_DISCONNECTED = "client_disconnected"
-SERVER_STOPPING = "server_stopping"
-SERVER_STOPPED = "server_stopped"
-FRAME_TOO_LONG = "frame_too_long"
-IDLE_TIMEOUT = "idle_timeout"
-FRAME_TIMEOUT = "frame_timeout"
-CONNECTION_REFUSED = "connection_refused"
-SLOW_CONSUMER = "slow_consumer"
-RATE_LIMITED = "rate_limited"
-INTERNAL_ERROR = "internal_error"
-EVENTS_SUPPRESSED = "events_suppressed"
-STORE_FAILED = "store_failed"
-SESSION_ENDED = "session_ended"
+from twisted_lab.codecs.events import (
+    DATA_RECEIVED,
+    DATA_SENT,
+    DATA_SUMMARY,
+    EVENTS_SUPPRESSED,
+)
 
 #: Default number of individually logged data events per connection per
 #: second; past it, the rest of that second is folded into a summary.

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from twisted_lab import events
+from twisted_lab.codecs import events
 
 POLL_SECONDS = 0.5
 #: Seconds by which the clocks of servers sharing a store may disagree.

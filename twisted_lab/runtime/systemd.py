@@ -96,7 +96,7 @@ def whenOpened(storeService: Any) -> defer.Deferred[bool]:
     Fires True once C{storeService}'s store is open, False if it could not
     be opened, leaving its own C{opened} Deferred as it was.
     """
-    from twisted_lab.store import Store
+    from twisted_lab.storage.sqlite import Store
 
     result: defer.Deferred[bool] = defer.Deferred()
     opened = storeService.opened

@@ -1,0 +1,34 @@
+"""
+Event names: the stable C{event} field of every netlab server event.
+
+Log processors match on these names (they are part of the operator's
+interface), so every event a server writes is named here, once, and tests
+and docs use the same list.  Payloads, passwords and tokens are never passed
+as event fields: every keyword given to a L{twisted.logger.Logger} call is
+serialised by the JSON observer.
+"""
+
+from __future__ import annotations
+
+# Event names (the `event` field).  Kept here so tests and docs use one list.
+SERVER_STARTED = "server_started"
+LISTENING = "listening"
+PORT_FALLBACK = "port_fallback"
+LISTEN_FAILED = "listen_failed"
+CLIENT_CONNECTED = "client_connected"
+DATA_RECEIVED = "data_received"
+DATA_SENT = "data_sent"
+DATA_SUMMARY = "data_summary"
+CLIENT_DISCONNECTED = "client_disconnected"
+SERVER_STOPPING = "server_stopping"
+SERVER_STOPPED = "server_stopped"
+FRAME_TOO_LONG = "frame_too_long"
+IDLE_TIMEOUT = "idle_timeout"
+FRAME_TIMEOUT = "frame_timeout"
+CONNECTION_REFUSED = "connection_refused"
+SLOW_CONSUMER = "slow_consumer"
+RATE_LIMITED = "rate_limited"
+INTERNAL_ERROR = "internal_error"
+EVENTS_SUPPRESSED = "events_suppressed"
+STORE_FAILED = "store_failed"
+SESSION_ENDED = "session_ended"
