@@ -196,3 +196,35 @@ class IChatClient(Interface):
         """
         A private message to this user.
         """
+
+
+class IBus(Interface):
+    """
+    Publish/subscribe between the nodes of a cluster (and, on one node, an
+    in-process bus).  A hint, never the record: a node that misses a
+    publication (a restart, a lost connection) finds what it missed in the
+    store.  Payloads are bytes; channels are short ASCII names.
+    """
+
+    def publish(channel: str, payload: bytes) -> object:
+        """
+        Send C{payload} to every subscriber of C{channel} on every node
+        (this one included); fires once handed to the bus.
+        """
+
+    def subscribe(channel: str, receiver: object) -> None:
+        """
+        Call C{receiver(payload)} on the reactor thread for each payload
+        published on C{channel} from now on (kept across reconnections).
+        """
+
+    def unsubscribe(channel: str, receiver: object) -> None:
+        """
+        Stop calling C{receiver} for C{channel}.
+        """
+
+    def onReconnect(callback: object) -> None:
+        """
+        Call C{callback()} each time the bus is connected again after a
+        loss (publications meanwhile may be lost: catch up from the store).
+        """
