@@ -29,7 +29,9 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from twisted_lab.ports import IStore
 from twisted_lab.runtime.startup import StartupFailed
 
 DEFAULT_PATH = "netlab.sqlite3"
@@ -181,6 +183,7 @@ def applyMigrations(
     return current
 
 
+@implementer(IStore)
 class Store:
     """
     The database, reached only through Deferreds.
