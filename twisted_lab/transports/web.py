@@ -1,0 +1,1291 @@
+"""
+Chat in the browser: the page, and the JSON protocol of C{docs/protocol.md}
+over a WebSocket (section 4 there).
+
+One listener (any endpoint string: C{tcp:8080:interface=127.0.0.1},
+C{ssl:8443:privateKey=key.pem:certKey=cert.pem}) serves
+
+  - C{/}: the page (C{twisted_lab/static}: HTML, CSS, JavaScript shipped in
+    the package), with a Content-Security-Policy and the other security
+    headers on every response;
+  - C{/ws}: the WebSocket (Twisted's own C{twisted.web.websocket}, on
+    wsproto), one text message per JSON message, behind an C{Origin} check.
+
+Every TCP connection of the listener is a L{WebConnection}: a
+L{ServedConnection} of the chat server's own L{ServerFactory}, so the
+browser gets the limits of the Int32 transport from the same code and the
+same counters (connection caps per server and per address, the idle
+timeout, per-frame deadlines, one bounded output account with
+C{slow_consumer}, and C{--max-length} per message).  Inside it runs a
+twisted.web C{HTTPChannel} for the page and the upgrade; after the upgrade
+the bytes go to Twisted's WebSocket protocol, watched on their way by a
+L{FrameScanner} that refuses an oversized message from its header, before
+any of its payload is buffered.  L{WebSocketChannel} is the
+L{IRequestChannel} the request dispatcher and the chat service see.
+
+Nothing here logs a URL, a token or a message's text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import itertools
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTime,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.websocket import WebSocketResource, WebSocketTransport
+from wsproto.utilities import LocalProtocolError
+from zope.interface import directlyProvides, implementer, providedBy
+
+from twisted_lab.codecs import events
+from twisted_lab.codecs.message import Outgoing, encodeMessage
+from twisted_lab.ports import IRequestChannel
+from twisted_lab.transports.connection import (
+    CLOSING,
+    ServedConnection,
+    ServerFactory,
+    canonicalAddress,
+)
+
+# -- events of this transport (the C{event} field) ------------------------------
+
+#: A WebSocket upgrade was refused: its C{Origin} is not allowed.
+WEB_ORIGIN_REFUSED = "web_origin_refused"
+#: A WebSocket was opened (after the Origin check).
+WEBSOCKET_OPENED = "websocket_opened"
+#: An HTTP request (headers and body) went over L{HTTP_REQUEST_LIMIT}.
+WEB_REQUEST_TOO_LONG = "web_request_too_long"
+#: A binary WebSocket message arrived (the protocol is JSON text).
+WEBSOCKET_BINARY = "websocket_binary"
+
+# -- WebSocket close codes (RFC 6455 section 7.4.1) ------------------------------
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+#: Bytes one HTTP request (request line, headers, body) may take: the page
+#: needs no body, and twisted.web would otherwise buffer any body it is sent.
+HTTP_REQUEST_LIMIT = 64 * 1024
+#: Why reading stops while the request dispatcher's queue is full (the
+#: dispatcher's own reason; the same text, so it is one reason).
+QUEUE_FULL = "request queue full"
+
+SOCKET_PATH = b"ws"
+
+_serials = itertools.count(1_000_000_001)
+
+
+def nextSerial() -> int:
+    """
+    A connection number for per-connection rate buckets, from a range the
+    Int32 transport's counter does not reach.
+    """
+    return next(_serials)
+
+
+# -- the page ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaticFile:
+    """
+    One file of the page, held in memory (they are small): its bytes, type
+    and entity tag.
+    """
+
+    body: bytes
+    contentType: bytes
+    etag: bytes
+
+
+#: URL path segment -> (file in twisted_lab/static, Content-Type).
+STATIC_FILES: dict[bytes, tuple[str, bytes]] = {
+    b"": ("index.html", b"text/html; charset=utf-8"),
+    b"index.html": ("index.html", b"text/html; charset=utf-8"),
+    b"app.js": ("app.js", b"text/javascript; charset=utf-8"),
+    b"style.css": ("style.css", b"text/css; charset=utf-8"),
+    b"favicon.svg": ("favicon.svg", b"image/svg+xml"),
+}
+
+
+def loadStaticFiles() -> dict[bytes, StaticFile]:
+    """
+    The page's files, read from the installed package.
+    """
+    folder = resources.files("twisted_lab").joinpath("static")
+    loaded: dict[bytes, StaticFile] = {}
+    for segment, (name, contentType) in STATIC_FILES.items():
+        body = folder.joinpath(name).read_bytes()
+        etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode("ascii") + b'"'
+        loaded[segment] = StaticFile(body, contentType, etag)
+    return loaded
+
+
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?$"
+)
+
+
+def requestHost(request: Request) -> str | None:
+    """
+    The request's C{Host} header, when it is a plain host[:port] (nothing
+    that could end a header value or a CSP source), else L{None}.
+    """
+    raw = request.getHeader(b"host")
+    if raw is None:
+        return None
+    try:
+        host = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return host if _HOST.match(host) else None
+
+
+def contentSecurityPolicy(host: str | None, secure: bool) -> bytes:
+    """
+    The page's policy: everything from its own origin only, no inline
+    script or style, no framing, and WebSocket connections to the page's
+    own host (C{'self'} covers ws/wss in current browsers; the explicit
+    source is for older ones).
+    """
+    connect = "'self'"
+    if host is not None:
+        connect += f" {'wss' if secure else 'ws'}://{host}"
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; "
+        f"img-src 'self'; connect-src {connect}; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ).encode("ascii")
+
+
+def setSecurityHeaders(request: Request) -> None:
+    """
+    The headers every response of the listener carries.
+    """
+    secure = request.isSecure()
+    request.setHeader(
+        b"content-security-policy",
+        contentSecurityPolicy(requestHost(request), secure),
+    )
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"referrer-policy", b"no-referrer")
+    request.setHeader(b"x-frame-options", b"DENY")
+    request.setHeader(b"cross-origin-opener-policy", b"same-origin")
+    request.setHeader(b"cross-origin-resource-policy", b"same-origin")
+    request.setHeader(
+        b"permissions-policy", b"camera=(), microphone=(), geolocation=()"
+    )
+    request.setHeader(b"server", b"netlab")
+
+
+class StaticResource(Resource):
+    """
+    One file of the page: GET and HEAD, with an entity tag (a reload asks
+    again and gets C{304 Not Modified} while the file is unchanged).
+    """
+
+    isLeaf = True
+    allowedMethods = (b"GET", b"HEAD")
+
+    def __init__(self, static: StaticFile) -> None:
+        super().__init__()
+        self.static = static
+
+    def render_GET(self, request: Request) -> bytes:
+        static = self.static
+        request.setHeader(b"content-type", static.contentType)
+        request.setHeader(b"cache-control", b"no-cache")
+        if request.setETag(static.etag):  # CACHED: 304, no body
+            return b""
+        return static.body
+
+    def render_HEAD(self, request: Request) -> bytes:
+        body = self.render_GET(request)
+        if body:
+            request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+
+class WebRoot(Resource):
+    """
+    C{/} and the page's files, C{/ws}, and 404 for anything else.
+    """
+
+    def __init__(self, files: dict[bytes, StaticFile], socket: Resource) -> None:
+        super().__init__()
+        self.files = {name: StaticResource(f) for name, f in files.items()}
+        self.socket = socket
+        self.notFound = NotFound()
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if request.postpath:  # anything below a file: /app.js/x
+            return self.notFound
+        if path == SOCKET_PATH:
+            return self.socket
+        return self.files.get(path, self.notFound)
+
+    def render(self, request: Request) -> bytes:
+        return self.notFound.render(request)
+
+
+# -- the Origin check --------------------------------------------------------------
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalizeOrigin(text: str) -> str:
+    """
+    An origin as browsers send it (C{scheme://host[:port]}, lower case, no
+    default port), or L{ValueError} for anything that is not one.
+    """
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not an origin ({e})") from None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if (
+        scheme not in _DEFAULT_PORTS
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(
+            f"{text!r} is not an origin: expected scheme://host[:port], "
+            "with http or https"
+        )
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+class OriginPolicy:
+    """
+    Which pages may open the WebSocket.
+
+    With no origins configured, only the page's own origin: the scheme the
+    request came in on and its C{Host}.  With C{--web-origin}, exactly the
+    origins listed (list the page's public origin too: behind a proxy that
+    terminates TLS, or to pin the names a browser may use).
+
+    A request without an C{Origin} header is not from a browser page (every
+    browser sends one with a WebSocket); it is let through, since a program
+    can send any header it likes anyway: the check protects users' browsers
+    from other sites' pages, it does not authenticate anyone.
+    """
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self.allowed = frozenset(normalizeOrigin(o) for o in allowed)
+
+    def ownOrigin(self, request: Request) -> str | None:
+        host = requestHost(request)
+        if host is None:
+            return None
+        scheme = "https" if request.isSecure() else "http"
+        try:
+            return normalizeOrigin(f"{scheme}://{host}")
+        except ValueError:
+            return None
+
+    def allows(self, request: Request, origin: str) -> bool:
+        try:
+            normal = normalizeOrigin(origin)
+        except ValueError:
+            return False  # "null" (sandboxed frames, file:), garbage
+        if self.allowed:
+            return normal in self.allowed
+        return normal == self.ownOrigin(request)
+
+
+def _printable(value: bytes, limit: int = 200) -> str:
+    """
+    A header value for a log line: ASCII, printable, bounded.
+    """
+    text = value[:limit].decode("ascii", "replace")
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+# -- the WebSocket ---------------------------------------------------------------
+
+
+class Dispatcher(Protocol):
+    """
+    What L{WebSocketChannel} needs of the request dispatcher
+    (L{twisted_lab.dispatch.RequestDispatcher}).
+    """
+
+    @property
+    def queueFull(self) -> bool: ...
+
+    def requestReceived(self, payload: bytes) -> None: ...
+
+    def closeWith(self, code: str | None = None, message: str = "") -> None: ...
+
+    def endOfInput(self) -> None: ...
+
+    def outputDrained(self) -> None: ...
+
+    def connectionLost(self) -> None: ...
+
+
+#: Makes the dispatcher (and the service's handler behind it) of a channel.
+DispatcherFactory = Callable[[IRequestChannel], Dispatcher]
+
+
+def _texts(messages: tuple[bytes, ...]) -> tuple[str, ...]:
+    return tuple(m.decode("utf-8") for m in messages)
+
+
+@dataclass(frozen=True)
+class _Close:
+    """
+    Held in order behind messages not yet handed over: close (with an
+    error C{code} first, if any) once they have been answered.
+    """
+
+    code: str | None = None
+    message: str = ""
+
+
+@implementer(IRequestChannel)
+class WebSocketChannel:
+    """
+    One browser's WebSocket: Twisted's C{WebSocketProtocol} on one side,
+    the L{IRequestChannel} of the request dispatcher on the other.
+
+    Each text message is one request; each message sent is one text
+    message.  While the dispatcher's queue is full, messages that arrive
+    in the same read are held here (at most one read's worth: reading has
+    stopped) and handed over, in order, as it drains.
+    """
+
+    transport: WebSocketTransport | None = None
+    dispatcher: Dispatcher | None = None
+    #: The code of the close frame this side sends when it closes.
+    closeCode = CLOSE_NORMAL
+    #: A close frame was sent (or the peer's was answered).
+    closeSent = False
+    _releasing = False
+
+    def __init__(self, connection: WebConnection, makeDispatcher: DispatcherFactory):
+        self.connection = connection
+        self.makeDispatcher = makeDispatcher
+        self.serial = nextSerial()
+        self._held: deque[bytes | _Close] = deque()
+
+    # -- IRequestChannel -----------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self.connection.peer
+
+    @property
+    def group(self) -> str:
+        return self.connection.group
+
+    @property
+    def address(self) -> str:
+        host = getattr(self.connection.transport.getPeer(), "host", None)
+        return canonicalAddress(host) if host else ""
+
+    @property
+    def lost(self) -> bool:
+        return self.connection.lost
+
+    @property
+    def outputCongested(self) -> bool:
+        return self.connection.outputCongested
+
+    @property
+    def closing(self) -> bool:
+        connection = self.connection
+        return (
+            connection.lost
+            or self.closeSent
+            or connection.transport.disconnecting
+            or connection.readingPausedFor(CLOSING)
+        )
+
+    def send(self, outgoing: Outgoing) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        for text in outgoing.form("ws", _texts):
+            transport.sendTextMessage(text)
+            self.connection.factory.stats.framesSent += 1
+
+    def sendMessage(self, message: dict[str, Any]) -> None:
+        self.send(Outgoing(message))
+
+    def pauseReading(self, reason: str) -> None:
+        self.connection.pauseReading(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        if reason == QUEUE_FULL:
+            if self._releasing:
+                return  # handing over held messages: the loop below goes on
+            self._releasing = True
+            try:
+                self._release()
+            finally:
+                self._releasing = False
+            if self._held:
+                return  # still full: resumed again as it drains
+        self.connection.resumeReading(reason)
+
+    def closeAfterFlush(self) -> None:
+        self.connection.closeAfterFlush()
+
+    # -- WebSocketProtocol (twisted.web.websocket) ---------------------------------
+
+    def negotiationStarted(self, transport: WebSocketTransport) -> None:
+        # (Nothing may be written yet: the 101 response follows.)
+        self.transport = transport
+        self.connection.upgraded(self)
+
+    def negotiationFinished(self) -> None:
+        self.connection.log.info(
+            "WebSocket opened by {peer}",
+            event=WEBSOCKET_OPENED,
+            peer=self.peer,
+        )
+        self.dispatcher = self.makeDispatcher(self)
+
+    def textMessageReceived(self, message: str) -> None:
+        if self.closing or self.dispatcher is None:
+            return
+        payload = message.encode("utf-8")
+        if self._held or self.dispatcher.queueFull:
+            self._held.append(payload)
+            return
+        self.dispatcher.requestReceived(payload)
+
+    def bytesMessageReceived(self, data: bytes | bytearray) -> None:
+        if self.closing:
+            return
+        log = self.connection.log
+        if self.connection.factory.logBudget.admit(WEBSOCKET_BINARY):
+            log.info(
+                "{peer} sent a binary message; closing",
+                event=WEBSOCKET_BINARY,
+                peer=self.peer,
+            )
+        self.closeCode = CLOSE_UNSUPPORTED_DATA
+        self.closeWith(
+            "bad_request",
+            "binary messages are not part of the protocol: send JSON as text",
+        )
+
+    def pongReceived(self, payload: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._held.clear()
+        if self.dispatcher is not None:
+            self.dispatcher.connectionLost()
+
+    # -- what the connection tells it ------------------------------------------------
+
+    def closeWith(self, code: str | None = None, message: str = "") -> None:
+        """
+        After every message received so far is answered, send an C{error}
+        C{code} (if any) and close.
+        """
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            self.closeAfterFlush()
+        elif self._held:
+            self._held.append(_Close(code, message))
+        else:
+            dispatcher.closeWith(code, message)
+
+    def messageTooLong(self, length: int, limit: int) -> None:
+        """
+        A frame header announced a message over C{limit} bytes: nothing
+        after it is read; what came before is answered, then
+        C{frame_too_long} and a close with 1009.
+        """
+        self.closeCode = CLOSE_MESSAGE_TOO_BIG
+        self.connection.startCloseTimer()
+        self.closeWith(
+            "frame_too_long",
+            f"a {length}-byte message is over the {limit}-byte limit",
+        )
+
+    def endOfInput(self) -> None:
+        self.closeWith()
+
+    def outputDrained(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.outputDrained()
+
+    def _release(self) -> None:
+        held = self._held
+        dispatcher = self.dispatcher
+        while held and dispatcher is not None and not dispatcher.queueFull:
+            item = held.popleft()
+            if isinstance(item, _Close):
+                held.clear()
+                dispatcher.closeWith(item.code, item.message)
+                return
+            dispatcher.requestReceived(item)
+
+
+class FrameScanner:
+    """
+    Reads WebSocket frame headers (RFC 6455 section 5.2) as the client's
+    bytes pass by on their way to wsproto, without keeping any payload:
+    where the frame in progress is (for the per-frame deadlines) and how
+    long the data message in progress is announced to be, so an oversized
+    message is refused at its header, before any of it is buffered.
+    """
+
+    def __init__(self, maxLength: int) -> None:
+        self.maxLength = maxLength
+        self._header = bytearray()
+        self._headerStart = 0
+        #: Payload bytes of the frame in progress still to come.
+        self.remaining = 0
+        #: Payload bytes of the frame in progress received so far.
+        self.payloadReceived = 0
+        #: Data bytes announced so far for the message in progress.
+        self.messageLength = 0
+        #: Frames begun so far (a new number: a new frame).
+        self.frames = 0
+        #: The announced length of the oversized message, once found.
+        self.tooLong = 0
+
+    @property
+    def inFrame(self) -> bool:
+        return bool(self._header) or self.remaining > 0
+
+    @property
+    def headerComplete(self) -> bool:
+        return not self._header
+
+    def feed(self, data: bytes) -> int | None:
+        """
+        Scan C{data}; the offset in it where the header of an oversized
+        message begins (everything before it may be handed on), or
+        L{None}.
+        """
+        i = 0
+        end = len(data)
+        header = self._header
+        while i < end:
+            if self.remaining:
+                take = min(self.remaining, end - i)
+                self.remaining -= take
+                self.payloadReceived += take
+                i += take
+                continue
+            if not header:
+                self.frames += 1
+                self._headerStart = i
+                self.payloadReceived = 0
+            need = self._headerSize(header, data[i:])
+            take = min(need - len(header), end - i)
+            header += data[i : i + take]
+            i += take
+            if len(header) < need:
+                break
+            length = self._announced(header)
+            opcode = header[0] & 0x0F
+            final = bool(header[0] & 0x80)
+            header.clear()
+            if opcode < 0x8:  # continuation, text, binary
+                total = length if opcode else self.messageLength + length
+                if total > self.maxLength:
+                    self.tooLong = total
+                    return max(0, self._headerStart)
+                self.messageLength = 0 if final else total
+            self.remaining = length
+        if self._header:
+            self._headerStart = -1  # began in an earlier read
+        return None
+
+    @staticmethod
+    def _headerSize(header: bytearray, more: bytes) -> int:
+        """
+        The size of the header begun in C{header} (followed by C{more}):
+        2 bytes until its second byte is known.
+        """
+        if len(header) >= 2:
+            second = header[1]
+        elif len(header) == 1:
+            if not more:
+                return 2
+            second = more[0]
+        else:
+            if len(more) < 2:
+                return 2
+            second = more[1]
+        size = 2 + (4 if second & 0x80 else 0)
+        short = second & 0x7F
+        if short == 126:
+            size += 2
+        elif short == 127:
+            size += 8
+        return size
+
+    @staticmethod
+    def _announced(header: bytearray) -> int:
+        short = header[1] & 0x7F
+        if short == 126:
+            return int.from_bytes(header[2:4], "big")
+        if short == 127:
+            return int.from_bytes(header[2:10], "big")
+        return short
+
+
+# -- one TCP connection of the listener ------------------------------------------------
+
+
+@implementer(ITransport)
+class _ChannelTransport:
+    """
+    The transport twisted.web's C{HTTPChannel} (and, after the upgrade,
+    Twisted's WebSocket protocol) writes to: every byte goes through the
+    connection's output account, and closing goes through its
+    close-after-flush with its grace period.
+
+    It is not a producer: twisted.web's own flow control is not needed
+    (the page's files are small and in memory), and the account is the
+    one producer registered with the real transport.
+    """
+
+    def __init__(self, connection: WebConnection) -> None:
+        self.connection = connection
+        if ISSLTransport.providedBy(connection.transport):
+            directlyProvides(self, providedBy(self), ISSLTransport)
+
+    @property
+    def disconnecting(self) -> bool:
+        return bool(self.connection.transport.disconnecting)
+
+    def write(self, data: bytes) -> None:
+        self.connection.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.connection.writeSequence(list(data))
+
+    def loseConnection(self) -> None:
+        self.connection.closeAfterFlush()
+
+    def abortConnection(self) -> None:
+        self.connection.transport.abortConnection()
+
+    def getPeer(self) -> IAddress:
+        return self.connection.transport.getPeer()
+
+    def getHost(self) -> IAddress:
+        return self.connection.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        # ISSLTransport's getPeerCertificate, and the like (never the
+        # private or special names: adaptation looks for __conform__).
+        if name.startswith("_") or name == "connection":
+            raise AttributeError(name)
+        return getattr(self.connection.transport, name)
+
+
+class WebConnection(ServedConnection):
+    """
+    One TCP (or TLS) connection of the web listener: HTTP for the page,
+    then, once upgraded, one WebSocket.
+
+    Its C{factory} is the chat server's L{ServerFactory}: it is counted in
+    that server's caps and closed by its stop like an Int32 connection.
+    While in HTTP, a request's bytes count as one "frame" (its header must
+    be complete within C{--header-timeout}) and may not exceed
+    L{HTTP_REQUEST_LIMIT}; once upgraded, the WebSocket frames have the
+    deadlines of Int32 frames and each message C{--max-length}.
+    """
+
+    websocket: WebSocketChannel | None = None
+    channel: Any = None
+    scanner: FrameScanner | None = None
+    _requestBytes = 0
+    _frameSerial = 0
+
+    def __init__(self, web: WebFactory) -> None:
+        self.web = web
+
+    # -- the life of the connection -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        ServedConnection.connectionMade(self)
+        if not self.admitted:
+            return
+        self.web.connections.add(self)
+        self.channel = self.web.site.buildProtocol(self.transport.getPeer())
+        self.channel.makeConnection(_ChannelTransport(self))
+
+    def refuse(self, reason: str) -> None:
+        body = f"{reason}\n".encode()
+        self.write(
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"content-type: text/plain; charset=utf-8\r\n"
+            b"retry-after: 5\r\n"
+            b"connection: close\r\n"
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
+        )
+        self.closeAfterFlush()
+
+    def upgraded(self, websocket: WebSocketChannel) -> None:
+        """
+        The upgrade request was accepted: from now on the bytes are
+        WebSocket frames.
+        """
+        self.websocket = websocket
+        self.scanner = FrameScanner(self.factory.maxLength)
+        self.frameStarted = None
+        self._requestBytes = 0
+
+    def requestArrived(self) -> None:
+        """
+        twisted.web has a whole request: its deadline and size are met.
+        """
+        self.frameStarted = None
+        self._requestBytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self.channel is None
+            or self.transport.disconnecting
+            or CLOSING in self._readPauses
+        ):
+            return
+        now = self.noteReceived(len(data))
+        if self.websocket is None:
+            self._httpReceived(now, data)
+        else:
+            self._frameReceived(now, data)
+
+    def _httpReceived(self, now: float, data: bytes) -> None:
+        if self.frameStarted is None:
+            self.frameStarted = now
+            self.frameHeaderAt = None
+            self.framePayload = 0
+        self._requestBytes += len(data)
+        if self._requestBytes > HTTP_REQUEST_LIMIT:
+            self.log.warn(
+                "{peer} sent an HTTP request of more than {limit} bytes; closing",
+                event=WEB_REQUEST_TOO_LONG,
+                peer=self.peer,
+                limit=HTTP_REQUEST_LIMIT,
+            )
+            self.transport.abortConnection()
+            return
+        self.channel.dataReceived(data)
+
+    def _frameReceived(self, now: float, data: bytes) -> None:
+        scanner = self.scanner
+        websocket = self.websocket
+        assert scanner is not None and websocket is not None
+        tooLong = scanner.feed(data)
+        if tooLong is not None:
+            self.log.warn(
+                "{peer} announced a {length}-byte message (limit {limit}); closing",
+                event=events.FRAME_TOO_LONG,
+                peer=self.peer,
+                length=scanner.tooLong,
+                limit=scanner.maxLength,
+            )
+            # Nothing from the oversized header on is read.
+            self.pauseReading(CLOSING)
+            self.frameStarted = None
+            if tooLong:
+                self.channel.dataReceived(data[:tooLong])
+            websocket.messageTooLong(scanner.tooLong, scanner.maxLength)
+            return
+        if not scanner.inFrame:
+            self.frameStarted = None
+        else:
+            if self.frameStarted is None or scanner.frames != self._frameSerial:
+                self.frameStarted = now
+                self.frameHeaderAt = now if scanner.headerComplete else None
+            elif self.frameHeaderAt is None and scanner.headerComplete:
+                self.frameHeaderAt = now
+            self.framePayload = scanner.payloadReceived
+        self._frameSerial = scanner.frames
+        self.channel.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.websocket is None:
+            ServedConnection.readConnectionLost(self)
+            return
+        self._readPauses = self._readPauses | {"end of input"}
+        self.frameStarted = None
+        self.websocket.endOfInput()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            # (After the upgrade this is Twisted's WebSocket protocol.)
+            channel.connectionLost(reason)
+        self.web.connectionClosed(self)
+        ServedConnection.connectionLost(self, reason)
+
+    # -- closing -----------------------------------------------------------------------
+
+    def closeAfterFlush(self) -> None:
+        websocket = self.websocket
+        if (
+            websocket is not None
+            and websocket.transport is not None
+            and not websocket.closeSent
+            and not self.lost
+            and not self.transport.disconnecting
+        ):
+            websocket.closeSent = True
+            try:
+                # Writes the close frame, then comes back here through
+                # _ChannelTransport.loseConnection.
+                websocket.transport.loseConnection(websocket.closeCode)
+                return
+            except LocalProtocolError:
+                pass  # the peer's close frame was answered already
+        ServedConnection.closeAfterFlush(self)
+
+    def outputDrained(self) -> None:
+        ServedConnection.outputDrained(self)
+        if self.websocket is not None:
+            self.websocket.outputDrained()
+
+    # -- hooks of ServedConnection ---------------------------------------------------
+
+    def idleTimedOut(self) -> None:
+        if self.websocket is not None:
+            self.websocket.sendMessage(
+                {
+                    "type": "error",
+                    "code": "idle_timeout",
+                    "message": "closing an idle connection",
+                }
+            )
+
+    def frameTimedOut(self) -> None:
+        websocket = self.websocket
+        if websocket is None:
+            self.transport.abortConnection()
+            return
+        websocket.closeCode = CLOSE_POLICY_VIOLATION
+        websocket.sendMessage(
+            {
+                "type": "error",
+                "code": "frame_timeout",
+                "message": "a frame stayed incomplete too long; closing",
+            }
+        )
+        self.closeAfterFlush()
+
+    def serverStopping(self) -> None:
+        websocket = self.websocket
+        if websocket is not None:
+            websocket.closeCode = CLOSE_GOING_AWAY
+            websocket.sendMessage(
+                {
+                    "type": "error",
+                    "code": "server_shutdown",
+                    "message": "the server is shutting down",
+                }
+            )
+
+    def slowConsumer(self) -> None:
+        websocket = self.websocket
+        if (
+            websocket is not None
+            and websocket.transport is not None
+            and not websocket.closing
+        ):
+            # Most likely never read; said for a peer that reads again at
+            # last.  Written past the account (which is what cut it off).
+            websocket.closeSent = True
+            self._unaccounted(
+                lambda: websocket.transport.sendTextMessage(  # type: ignore[union-attr]
+                    encodeMessage(
+                        {
+                            "type": "error",
+                            "code": "slow_consumer",
+                            "message": "you are not reading fast enough; disconnecting",
+                        }
+                    ).decode("utf-8")
+                )
+            )
+        ServedConnection.slowConsumer(self)
+
+    _bypass = False
+
+    def _unaccounted(self, work: Callable[[], None]) -> None:
+        self._bypass = True
+        try:
+            work()
+        finally:
+            self._bypass = False
+
+    def write(self, data: bytes, now: float | None = None) -> None:
+        if self._bypass:
+            if not self.transport.disconnecting:
+                self.transport.write(data)
+            return
+        ServedConnection.write(self, data, now)
+
+    def writeSequence(self, parts: Sequence[bytes]) -> None:
+        if self._bypass:
+            self.write(b"".join(parts))
+            return
+        ServedConnection.writeSequence(self, parts)
+
+
+# -- the site and the listener ---------------------------------------------------------
+
+
+class WebSite(Site):
+    """
+    twisted.web's C{Site} for the page and the socket: HTTP/1.1 only (the
+    WebSocket upgrade is an HTTP/1.1 request), no timeout of its own (the
+    connection's deadlines apply), no access log (events are logged
+    instead, without URLs), and the security headers on every response.
+    """
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        channel: Any = HTTPChannel()
+        channel.factory = self
+        channel.callLater = self.reactor.callLater
+        channel.timeOut = None
+        channel.requestFactory = self.requestFactory
+        channel.site = self
+        return channel
+
+    def getResourceFor(self, request: Request) -> Any:
+        connection = connectionOf(request)
+        if connection is not None:
+            connection.requestArrived()
+        setSecurityHeaders(request)
+        return super().getResourceFor(request)
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def connectionOf(request: Request) -> WebConnection | None:
+    """
+    The L{WebConnection} a request came in on (L{None} on any other).
+    """
+    transport = getattr(request.channel, "transport", None)
+    return transport.connection if isinstance(transport, _ChannelTransport) else None
+
+
+_WS_KEY = re.compile(rb"^[A-Za-z0-9+/]{22}==$")
+
+
+class ChatSocketResource(WebSocketResource):
+    """
+    C{/ws}: the Origin check, then Twisted's WebSocket upgrade.
+
+    A request that is not a WebSocket upgrade gets C{426 Upgrade Required};
+    a browser page from an origin that is not allowed, C{403 Forbidden}
+    (and a C{web_origin_refused} event).
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, origins: OriginPolicy, makeDispatcher: DispatcherFactory):
+        super().__init__(self)
+        self.origins = origins
+        self.makeDispatcher = makeDispatcher
+
+    def buildProtocol(self, request: Request) -> WebSocketChannel:
+        connection = connectionOf(request)
+        assert connection is not None, "checked in render_GET"
+        return WebSocketChannel(connection, self.makeDispatcher)
+
+    def render_GET(self, request: Request) -> bytes | int:
+        connection = connectionOf(request)
+        origin = request.getHeader(b"origin")
+        allowed = origin is None or self.origins.allows(
+            request, origin.decode("latin-1")
+        )
+        if not allowed:
+            assert origin is not None
+            log = connection.log if connection is not None else self.log
+            log.warn(
+                "refusing a WebSocket from {peer}: origin {origin} is not allowed",
+                event=WEB_ORIGIN_REFUSED,
+                peer=connection.peer if connection is not None else "?",
+                origin=_printable(origin),
+            )
+            return _plain(request, 403, b"this origin may not open the chat socket\n")
+        if not _isUpgrade(request):
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"sec-websocket-version", b"13")
+            return _plain(request, 426, b"a WebSocket upgrade is required here\n")
+        if connection is None:
+            return _plain(request, 500, b"not served by a netlab web listener\n")
+        return super().render_GET(request)
+
+
+def _isUpgrade(request: Request) -> bool:
+    """
+    Whether C{request} is a well-formed WebSocket upgrade (RFC 6455 4.2.1),
+    checked here so wsproto never has to refuse one (Twisted logs each
+    refusal as an error, which a client could use to flood the log).
+    """
+    headers = request.requestHeaders
+    connection = b",".join(headers.getRawHeaders(b"connection", []))
+    upgrade = b",".join(headers.getRawHeaders(b"upgrade", []))
+    key = headers.getRawHeaders(b"sec-websocket-key", [])
+    version = headers.getRawHeaders(b"sec-websocket-version", [])
+    if b"upgrade" not in [t.strip().lower() for t in connection.split(b",")]:
+        return False
+    if b"websocket" not in [t.strip().lower() for t in upgrade.split(b",")]:
+        return False
+    if len(key) != 1 or not _WS_KEY.match(key[0].strip()):
+        return False
+    try:
+        if len(base64.b64decode(key[0].strip(), validate=True)) != 16:
+            return False
+    except binascii.Error:
+        return False
+    return version == [b"13"]
+
+
+_REASONS = {426: b"Upgrade Required"}
+
+
+def _plain(request: Request, code: int, body: bytes) -> bytes:
+    request.setResponseCode(code, _REASONS.get(code))
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+class WebFactory(Factory):
+    """
+    What the web listener listens with: each connection is a
+    L{WebConnection} of the chat server's L{ServerFactory} (C{server}).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        server: ServerFactory,
+        makeDispatcher: DispatcherFactory,
+        origins: OriginPolicy,
+        reactor: IReactorTime,
+        files: dict[bytes, StaticFile] | None = None,
+    ) -> None:
+        self.server = server
+        self.origins = origins
+        self.socket = ChatSocketResource(origins, makeDispatcher)
+        root = WebRoot(loadStaticFiles() if files is None else files, self.socket)
+        self.site = WebSite(
+            root, reactor=reactor, timeout=None, parsePOSTFormSubmission=False
+        )
+        self.connections: set[WebConnection] = set()
+        self._allGone: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        # (A WebConnection's factory is the chat server's, not this one.)
+        connection = WebConnection(self)
+        connection.factory = self.server
+        return connection
+
+    def connectionClosed(self, connection: WebConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            waiters, self._allGone = self._allGone, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def closeAll(self, timeout: float = 3.0) -> defer.Deferred[None]:
+        """
+        Close every connection of this listener (telling WebSockets
+        C{server_shutdown}), aborting those still open after C{timeout}.
+        """
+        if not self.connections:
+            return defer.succeed(None)
+        clock = self.server.clock
+        assert clock is not None
+        done: defer.Deferred[None] = defer.Deferred()
+        self._allGone.append(done)
+        for connection in list(self.connections):
+            connection.serverStopping()
+            connection.closeAfterFlush()
+
+        def abortStragglers() -> None:
+            for connection in list(self.connections):
+                connection.transport.abortConnection()
+
+        timer = clock.callLater(timeout, abortStragglers)
+
+        def cancelTimer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        done.addCallback(cancelTimer)
+        return done
+
+
+class WebListenFailed(SystemExit, Exception):
+    """
+    The web listener cannot listen (the same double nature as
+    L{twisted_lab.runtime.startup.StartupFailed}: twistd's daemon mode
+    reports it, the foreground ends with its one line).
+    """
+
+
+class WebService(service.Service):
+    """
+    The web listener: binds in L{privilegedStartService} (before twistd
+    drops privileges), writes its port file once started, and on stop
+    stops listening and closes its connections.
+    """
+
+    log = Logger()
+    port: IListeningPort | None = None
+
+    def __init__(
+        self,
+        description: str,
+        factory: WebFactory,
+        reactor: Any,
+        portFile: str | None = None,
+        closeTimeout: float = 3.0,
+        serviceName: str = "netlab-chat web",
+        failed: Callable[[str], BaseException] = WebListenFailed,
+    ) -> None:
+        self.setName(serviceName)
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.portFile = portFile
+        self.closeTimeout = closeTimeout
+        self.failed = failed
+
+    def privilegedStartService(self) -> None:
+        if self.factory.server.clock is None:
+            self.factory.server.clock = self.reactor
+        outcome: list[Any] = []
+        defer.maybeDeferred(
+            lambda: serverFromString(self.reactor, self.description).listen(
+                self.factory
+            )
+        ).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            reason = (
+                outcome[0].getErrorMessage() if outcome else "did not listen at once"
+            )
+            message = f"{self.name}: {reason}: cannot listen on {self.description}"
+            self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
+            raise self.failed(message)
+        self.port = outcome[0]
+        address = self.port.getHost()
+        self.log.info(
+            "{service} listening on {interface} port {port}",
+            event=events.LISTENING,
+            service=self.name,
+            interface=getattr(address, "host", str(address)),
+            port=getattr(address, "port", None),
+        )
+        service.Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        service.Service.startService(self)
+        number = getattr(self.port.getHost(), "port", None) if self.port else None
+        if self.portFile and number is not None:
+            temporary = f"{self.portFile}.{os.getpid()}.tmp"
+            with open(temporary, "w", encoding="ascii") as f:
+                f.write(f"{number}\n")
+            os.replace(temporary, self.portFile)
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        port, self.port = self.port, None
+        d: defer.Deferred[Any] = defer.maybeDeferred(
+            port.stopListening if port is not None else lambda: None
+        )
+        d.addCallback(lambda _: self.factory.closeAll(self.closeTimeout))
+        d.addBoth(self._stopped)
+        return d
+
+    def _stopped(self, result: Any) -> Any:
+        if self.portFile:
+            try:
+                os.unlink(self.portFile)
+            except FileNotFoundError:
+                pass
+        return result
+
+
+def webService(
+    description: str,
+    server: ServerFactory,
+    makeDispatcher: DispatcherFactory,
+    reactor: Any,
+    allowedOrigins: Sequence[str] = (),
+    portFile: str | None = None,
+    failed: Callable[[str], BaseException] = WebListenFailed,
+) -> WebService:
+    """
+    The web listener of a chat server: the page and the WebSocket on
+    endpoint C{description}, its connections counted and limited by
+    C{server} (the chat server's factory), each WebSocket's requests run by
+    C{makeDispatcher(channel)}.
+    """
+    factory = WebFactory(server, makeDispatcher, OriginPolicy(allowedOrigins), reactor)
+    return WebService(description, factory, reactor, portFile=portFile, failed=failed)
