@@ -37,7 +37,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
-from twisted_lab.taps.echo import EchoFactory
+from twisted_lab.transports.echo import EchoFactory
 reads, repeat = int(sys.argv[1]), int(sys.argv[2])
 factory = EchoFactory(clock=Clock())
 factory.log = Logger(observer=lambda event: None)
@@ -64,8 +64,8 @@ SCRAPE = r"""
 import json, sys, time
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
-from twisted_lab.taps.echo import EchoFactory
-from twisted_lab.runtime.metrics import MetricsServer
+from twisted_lab.transports.echo import EchoFactory
+from twisted_lab.observe.metrics import MetricsServer
 factory = EchoFactory(clock=Clock())
 MetricsServer("tcp:0", factory.stats, None)  # adds the process metrics
 best = float("inf")

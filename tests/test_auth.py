@@ -32,12 +32,12 @@ from twisted_lab.services.auth import (
     ACCOUNT_FREE_FAILURES,
     ADDRESS_FREE_FAILURES,
     AccountRealm,
-    AuthFactory,
     PasswordChecker,
     PasswordCredentials,
     TokenChecker,
 )
 from twisted_lab.storage.sqlite import Store
+from twisted_lab.taps.auth import AuthFactory
 from twisted_lab.transports.connection import addressGroup
 
 

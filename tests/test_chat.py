@@ -14,8 +14,9 @@ from zope.interface.verify import verifyObject
 from tests.helpers import waitFor
 from tests.test_auth import AuthHarness, cheapHasher, run
 from tests.test_messages import replies
-from twisted_lab.services.chat import ChatFactory, ChatRealm
+from twisted_lab.services.chat import ChatRealm
 from twisted_lab.storage.sqlite import Store
+from twisted_lab.taps.chat import ChatFactory
 
 
 class ChatHarness(AuthHarness):

@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import connectProtocol, frames
 from twisted_lab.codecs import events
-from twisted_lab.taps.echo import EchoFactory, FramedEcho, Options, RawEcho
+from twisted_lab.taps.echo import Options
 from twisted_lab.transports.connection import CLOSE_GRACE_SECONDS
+from twisted_lab.transports.echo import EchoFactory, FramedEcho, RawEcho
 
 
 def echoFactory(**settings) -> EchoFactory:

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.e2e import DEADLINE, Server, pause
 from twisted_lab.client.wire import FramedSocket
-from twisted_lab.runtime.eventlog import DEFAULT_EVENT_LOG_ROTATE_LENGTH, JSONEventLog
+from twisted_lab.observe.eventlog import DEFAULT_EVENT_LOG_ROTATE_LENGTH, JSONEventLog
 from twisted_lab.runtime.server import ServerOptions
 
 

@@ -17,11 +17,11 @@ from twisted.trial.unittest import TestCase
 from tests.helpers import frames, openConnection
 from tests.test_auth import cheapHasher
 from tests.test_messages import replies
-from twisted_lab.services.auth import AuthFactory
-from twisted_lab.services.chat import ChatFactory
-from twisted_lab.services.identity import IdentityFactory
+from twisted_lab.dispatch import MAX_CONSECUTIVE_ERRORS
 from twisted_lab.storage.sqlite import Store
-from twisted_lab.transports.int32 import MAX_CONSECUTIVE_ERRORS
+from twisted_lab.taps.auth import AuthFactory
+from twisted_lab.taps.chat import ChatFactory
+from twisted_lab.taps.identity import IdentityFactory
 
 PING = b'{"type":"ping","id":"last"}'
 HOSTILE = settings(

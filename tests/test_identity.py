@@ -12,8 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.helpers import EventRecorder, frames, openConnection, waitFor
 from tests.test_messages import replies
 from twisted_lab.codecs.message import RequestError
-from twisted_lab.services.identity import IdentityFactory, validName
+from twisted_lab.services.identity import validName
 from twisted_lab.storage.sqlite import Store
+from twisted_lab.taps.identity import IdentityFactory
 from twisted_lab.transports.connection import canonicalAddress
 
 

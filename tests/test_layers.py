@@ -8,7 +8,9 @@ C{twisted_lab} show them:
     dispatch     the one request dispatcher every transport drives
     services     identity, auth, chat: logic with a clock, stores, clients
     ports        the interfaces services need (stores, chat clients)
-    storage      SQLite and memory stores
+    observe      counters and metrics, the data-event meter, the event log
+    storage      SQLite, PostgreSQL and memory stores
+    bus          publish/subscribe between nodes: local, Redis
     codecs       framing, JSON messages, error codes, event names
     client       the netlab command and its libraries
 
@@ -32,18 +34,20 @@ ALLOWED = {
     "codecs": set(),
     "ports": {"codecs"},
     "services": {"codecs", "ports"},
+    "dispatch": {"codecs", "ports", "services"},
     "storage": {"codecs", "ports"},
     "bus": {"codecs", "ports"},
-    "dispatch": {"codecs", "ports", "services"},
-    "transports": {"codecs", "ports", "services", "dispatch", "runtime"},
-    "runtime": {"codecs", "ports", "storage", "bus", "services", "transports"},
+    "observe": {"codecs"},
+    "transports": {"codecs", "ports", "services", "dispatch", "observe"},
+    "runtime": {"codecs", "ports", "observe", "storage", "bus", "transports"},
     "taps": {
         "codecs",
         "ports",
         "services",
+        "dispatch",
         "storage",
         "bus",
-        "dispatch",
+        "observe",
         "transports",
         "runtime",
     },
@@ -107,12 +111,18 @@ def imports(path: Path) -> list[tuple[str, str]]:
 
 
 def netlabLayers(path: Path) -> set[str]:
+    """
+    The layers (packages, or top-level modules) C{path} imports from; the
+    package's own metadata (C{__version__}) is no layer.
+    """
     prefix = "twisted_lab."
-    return {
-        name[len(prefix) :].split(".")[0]
-        for name, _ in imports(path)
-        if name.startswith(prefix)
-    }
+    found = set()
+    for name, _ in imports(path):
+        if name.startswith(prefix):
+            first = name[len(prefix) :].split(".")[0]
+            if (PACKAGE / first).is_dir() or (PACKAGE / f"{first}.py").exists():
+                found.add(first)
+    return found
 
 
 class LayerTests(SynchronousTestCase):

@@ -23,15 +23,17 @@ from twisted_lab.codecs.message import (
     decodeRequest,
     encodeMessage,
 )
-from twisted_lab.transports.connection import ServerFactory
-from twisted_lab.transports.int32 import (
-    MAX_CONSECUTIVE_ERRORS,
-    MAX_QUEUED_REQUESTS,
-    MessageProtocol,
-)
+from twisted_lab.dispatch import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
+from twisted_lab.services.handler import RequestHandler
+from twisted_lab.transports.int32 import MessageFactory
 
 
-class Sample(MessageProtocol):
+class Sample(RequestHandler):
+    """
+    A service's request handler, as the dispatcher sees it: requests, their
+    schemas, replies (some of them late, some failures).
+    """
+
     requests = {
         "ping": {},
         "say": {"text": Text(maxChars=10)},
@@ -41,7 +43,8 @@ class Sample(MessageProtocol):
         "boom": {},
     }
 
-    def __init__(self) -> None:
+    def __init__(self, channel, context) -> None:
+        super().__init__(channel, context)
         self.pending: list[defer.Deferred] = []
 
     def request_ping(self, message):
@@ -65,8 +68,18 @@ class Sample(MessageProtocol):
         raise ZeroDivisionError("a bug")
 
 
-class SampleFactory(ServerFactory):
-    protocol = Sample
+class SampleService:
+    def __init__(self, context) -> None:
+        self.context = context
+        context.stats.enableRequests()
+
+    def handlerFor(self, channel) -> Sample:
+        return Sample(channel, self.context)
+
+
+class SampleFactory(MessageFactory):
+    def __init__(self, **settings) -> None:
+        super().__init__(SampleService, **settings)
 
 
 class Decoder(FrameReceiver):
@@ -248,7 +261,7 @@ class DispatchTests(Harness):
             frames(b'{"type":"slow","id":1}', b'{"type":"ping","id":2}')
         )
         self.assertEqual(replies(transport), [])
-        protocol.pending[0].callback({"type": "done"})
+        protocol.handler.pending[0].callback({"type": "done"})
         self.assertEqual(
             replies(transport), [{"type": "done", "id": 1}, {"type": "pong", "id": 2}]
         )
@@ -267,7 +280,7 @@ class DispatchTests(Harness):
         protocol.dataReceived(frames(b'{"type":"slow"}'))
         protocol.dataReceived(frames(*[b'{"type":"ping"}'] * MAX_QUEUED_REQUESTS))
         self.assertEqual(transport.producerState, "paused")
-        protocol.pending[0].callback(None)
+        protocol.handler.pending[0].callback(None)
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(len(replies(transport)), MAX_QUEUED_REQUESTS)
 

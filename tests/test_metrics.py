@@ -1,5 +1,5 @@
 """
-Unit tests of the Prometheus metrics (L{twisted_lab.runtime.metrics}): the counters
+Unit tests of the Prometheus metrics (L{twisted_lab.observe.metrics}): the counters
 move as docs/operations.md says, read through the text exposition exactly
 as a scrape reads them; each server has its own registry.
 """
@@ -21,14 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.helpers import connectProtocol, frames
 from tests.test_auth import run
 from tests.test_chat import ChatHarness
-from tests.test_messages import Sample, replies
-from twisted_lab.runtime.metrics import LAG_INTERVAL, MetricsServer, ServerStats
+from tests.test_messages import SampleFactory, replies
+from twisted_lab.observe.metrics import LAG_INTERVAL, MetricsServer, ServerStats
 from twisted_lab.runtime.server import NetlabService
 from twisted_lab.runtime.startup import StartupFailed
 from twisted_lab.runtime.systemd import whenOpened
 from twisted_lab.services.limits import RequestLimit
-from twisted_lab.taps.echo import EchoFactory, RawEcho
 from twisted_lab.transports.connection import ServerFactory
+from twisted_lab.transports.echo import EchoFactory, RawEcho
 
 
 def scrape(stats: ServerStats) -> dict[tuple[str, frozenset], float]:
@@ -140,12 +140,9 @@ class EchoMetricsTests(SynchronousTestCase):
 
 
 class RequestMetricsTests(SynchronousTestCase):
-    def factory(self) -> ServerFactory:
-        factory = ServerFactory(clock=Clock())
-        factory.protocol = Sample
+    def factory(self) -> SampleFactory:
+        factory = SampleFactory(clock=Clock())
         factory.requestLimits = {"ping": RequestLimit(rate=1.0, burst=2, perUser=False)}
-        # The factory decided what to count when it was made.
-        factory.stats.enableRequests()
         return factory
 
     def test_requestsByTypeAndOutcome(self) -> None:

@@ -22,7 +22,7 @@ from twisted_lab.runtime.server import (
     fallbackDescription,
     tcpDescription,
 )
-from twisted_lab.taps.echo import EchoFactory
+from twisted_lab.transports.echo import EchoFactory
 
 
 def _recvOrReset(sock: socket.socket) -> bytes:

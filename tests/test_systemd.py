@@ -107,7 +107,7 @@ class NoSocketTests(SynchronousTestCase):
 
         from twisted_lab.runtime.server import NetlabService
         from twisted_lab.runtime.startup import StartupFailed
-        from twisted_lab.taps.echo import EchoFactory
+        from twisted_lab.transports.echo import EchoFactory
 
         service = NetlabService(
             "netlab-echo",

@@ -17,11 +17,11 @@ from tests.helpers import EventRecorder, connectProtocol, frames, waitFor
 from tests.test_auth import AuthHarness, cheapHasher, run
 from tests.test_messages import Harness, SampleFactory, replies
 from twisted_lab.codecs import events
-from twisted_lab.runtime.eventlog import LogBudget
+from twisted_lab.dispatch import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
+from twisted_lab.services.context import LogBudget
 from twisted_lab.services.limits import RequestLimit
 from twisted_lab.services.sessionwatch import POLL_SECONDS, SessionWatch
 from twisted_lab.transports.connection import CLOSE_GRACE_SECONDS
-from twisted_lab.transports.int32 import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
 
 
 def request(**fields: object) -> bytes:
@@ -42,7 +42,7 @@ class PipelineTests(Harness):
         )
         self.assertEqual(replies(transport), [])
         self.assertTrue(protocol.readingPausedFor("request queue full"))
-        protocol.pending.pop().callback({"type": "done"})
+        protocol.handler.pending.pop().callback({"type": "done"})
         got = replies(transport)
         self.assertEqual(got[0], {"type": "done", "id": "first"})
         self.assertEqual([m["id"] for m in got[1:]], list(range(100_000)))
@@ -61,8 +61,8 @@ class PipelineTests(Harness):
             payloads.append(request(type="ping", id=i))
         protocol.dataReceived(frames(*payloads))
         for _ in range(300):
-            [pending] = protocol.pending
-            protocol.pending.clear()
+            [pending] = protocol.handler.pending
+            protocol.handler.pending.clear()
             pending.callback({"type": "done"})
         ids = [m["id"] for m in replies(transport)]
         expected = [x for i in range(300) for x in (f"s{i}", i)]
@@ -110,7 +110,7 @@ class BoundedOutputTests(Harness):
         The echo keeps reading until one maximum-length frame is waiting,
         so a client that writes a whole frame before reading gets it back.
         """
-        from twisted_lab.taps.echo import EchoFactory
+        from twisted_lab.transports.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000)
         protocol, transport, _ = connectProtocol(factory)
@@ -127,7 +127,7 @@ class BoundedOutputTests(Harness):
         of sending; a client that has sent whole frames and does not read
         stops being read as soon as its buffer is full.
         """
-        from twisted_lab.taps.echo import EchoFactory
+        from twisted_lab.transports.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000)
         protocol, transport, _ = connectProtocol(factory)
@@ -141,7 +141,7 @@ class BoundedOutputTests(Harness):
         soon as its own buffer is full: many clients that each leave a
         large frame unread cannot add up without bound.
         """
-        from twisted_lab.taps.echo import EchoFactory
+        from twisted_lab.transports.echo import EchoFactory
 
         factory = EchoFactory(clock=Clock(), maxLength=100_000, outputBudget=250_000)
         transports = []
@@ -171,7 +171,7 @@ class OrderTests(Harness):
             + b"\x00\x10\x00\x00"
         )
         self.assertFalse(transport.disconnecting)
-        protocol.pending.pop().callback({"type": "done"})
+        protocol.handler.pending.pop().callback({"type": "done"})
         got = replies(transport)
         self.assertEqual([m.get("id") for m in got], ["s", 1, None])
         self.assertEqual(got[-1]["code"], "frame_too_long")
@@ -187,7 +187,7 @@ class OrderTests(Harness):
         )
         protocol.readConnectionLost()
         self.assertFalse(transport.disconnecting, "still answering")
-        protocol.pending.pop().callback({"type": "done"})
+        protocol.handler.pending.pop().callback({"type": "done"})
         self.assertEqual([m["id"] for m in replies(transport)], ["s", 1])
         self.assertTrue(transport.disconnecting)
 
@@ -450,7 +450,7 @@ class LiveSessionTests(AuthHarness):
         self.assertEqual(loggedOut["type"], "logged_out")
         [told] = replies(second[1])[1:]
         self.assertEqual(told["code"], "session_revoked")
-        self.assertIsNone(second[0].account)
+        self.assertIsNone(second[0].handler.account)
         whoami = await self.one(second, {"type": "whoami"})
         self.assertEqual(whoami["code"], "not_authenticated")
 
@@ -491,8 +491,8 @@ class ReviewRegressionTests(Harness):
         protocol.dataReceived(
             frames(request(type="slow"), *[b'{"type":"ping"}'] * 10_000)
         )
-        self.assertLessEqual(len(protocol._queue), MAX_QUEUED_REQUESTS)
-        protocol.pending.pop().callback({"type": "done"})
+        self.assertLessEqual(len(protocol.dispatcher._queue), MAX_QUEUED_REQUESTS)
+        protocol.handler.pending.pop().callback({"type": "done"})
         got = replies(transport)
         self.assertEqual(len(got), 10_001)
         self.assertEqual(transport.producerState, "producing")
@@ -526,7 +526,7 @@ class ReviewRegressionTests(Harness):
         )
         self.clock.advance(30)
         self.assertFalse(transport.disconnecting)
-        protocol.pending.pop().callback({"type": "done"})
+        protocol.handler.pending.pop().callback({"type": "done"})
         self.clock.advance(5)
         self.assertFalse(transport.disconnecting, "a fresh deadline after resuming")
         self.clock.advance(10)
@@ -546,8 +546,10 @@ class LostConnectionTests(AuthHarness):
         protocol.dataReceived(
             frames(json.dumps({"type": "resume", "token": session["token"]}).encode())
         )
+        handler, dispatcher = protocol.handler, protocol.dispatcher
         protocol.connectionLost()
-        await waitFor(lambda: protocol._busy is False, what="the resume to end")
-        self.assertIsNone(protocol.account)
-        self.assertEqual(factory.sessions.holders(protocol.sessionDigest or b""), [])
-        self.assertNotIn(protocol, factory.sessions._held)
+        await waitFor(lambda: dispatcher._busy is False, what="the resume to end")
+        self.assertIsNone(handler.account)
+        sessions = factory.service.sessions
+        self.assertEqual(sessions.holders(handler.sessionDigest or b""), [])
+        self.assertNotIn(handler, sessions._held)

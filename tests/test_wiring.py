@@ -12,8 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_lab.runtime.server import NetlabService
-from twisted_lab.services import auth, chat, identity
-from twisted_lab.taps import echo
+from twisted_lab.taps import auth, chat, echo, identity
 
 
 def netlabServices(top) -> list[NetlabService]:

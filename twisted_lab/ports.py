@@ -13,7 +13,10 @@ C{ts}: an RFC 3339 string, stored as given.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from twisted_lab.codecs.message import Outgoing
 
 #: A stored chat message as the store hands it back: (seq, sender, text, ts).
 HistoryRow = tuple[int, str, str, str]
@@ -24,18 +27,18 @@ class IIdentityStore(Interface):
     Names given to client addresses (the identity service).
     """
 
-    def visit(address: str, now: str) -> object:
+    def visit(address: str, now: str) -> Deferred[tuple[str, int] | None]:
         """
         A connection from C{address}: if it is known, count the visit and
         fire with (name, visits); else with L{None}.
         """
 
-    def nameAddress(address: str, name: str, now: str) -> object:
+    def nameAddress(address: str, name: str, now: str) -> Deferred[int]:
         """
         Store (or change) the name of C{address}; fires with its visits.
         """
 
-    def forgetAddress(address: str) -> object:
+    def forgetAddress(address: str) -> Deferred[bool]:
         """
         Forget C{address}; fires with whether it was known.
         """
@@ -51,13 +54,13 @@ class IAccountStore(Interface):
     the connections that hold a revoked session.
     """
 
-    def createAccount(username: str, passwordHash: str, now: float) -> object:
+    def createAccount(username: str, passwordHash: str, now: float) -> Deferred[bool]:
         """
         Create an account; fires with False if the username is taken (of
         two concurrent registrations of one name exactly one succeeds).
         """
 
-    def passwordHash(username: str) -> object:
+    def passwordHash(username: str) -> Deferred[str | None]:
         """
         Fires with the stored hash of C{username}, or L{None}.
         """
@@ -67,7 +70,7 @@ class IAccountStore(Interface):
         passwordHash: str,
         keepSession: bytes | None = None,
         now: float = 0.0,
-    ) -> object:
+    ) -> Deferred[None]:
         """
         Replace the hash of C{username}.  With C{keepSession}, every other
         session of the user is revoked (reason C{password_changed}) in the
@@ -76,18 +79,20 @@ class IAccountStore(Interface):
 
     def createSession(
         digest: bytes, username: str, now: float, idle: float, maximum: float
-    ) -> object:
+    ) -> Deferred[float]:
         """
         Store a new session; fires with when it expires if left idle.
         """
 
-    def useSession(digest: bytes, now: float, idle: float) -> object:
+    def useSession(
+        digest: bytes, now: float, idle: float
+    ) -> Deferred[tuple[str, float] | None]:
         """
         Fires with the (username, expiry) of a live session, marking it
         used now; L{None} for an unknown, revoked or expired one.
         """
 
-    def deleteSession(digest: bytes, now: float) -> object:
+    def deleteSession(digest: bytes, now: float) -> Deferred[bool]:
         """
         Revoke one session (reason C{logged_out}); fires with whether it
         existed.
@@ -95,26 +100,26 @@ class IAccountStore(Interface):
 
     def refreshSession(
         digest: bytes, lastUsed: float, now: float, idle: float
-    ) -> object:
+    ) -> Deferred[float | None]:
         """
         A session held by a connection last active at C{lastUsed}: record
         that use; fires with its new expiry, or L{None} if it has expired
         or was revoked.
         """
 
-    def revocationsAfter(position: int) -> object:
+    def revocationsAfter(position: int) -> Deferred[list[tuple[int, bytes, str]]]:
         """
         Fires with the (position, digest, reason) of sessions revoked after
         C{position}, oldest first, at most 1000.
         """
 
-    def revocationsSince(at: float) -> object:
+    def revocationsSince(at: float) -> Deferred[list[tuple[int, bytes, str]]]:
         """
         Fires with the (position, digest, reason) of sessions revoked at
         C{at} or later (at most 1000, the newest).
         """
 
-    def lastRevocation() -> object:
+    def lastRevocation() -> Deferred[int]:
         """
         Fires with the position of the newest revocation (0 for none).
         """
@@ -127,30 +132,32 @@ class IChatLog(Interface):
     last of its room, so any number of writers stay gap-free.
     """
 
-    def lastSeq(room: str) -> object:
+    def lastSeq(room: str) -> Deferred[int]:
         """
         Fires with the highest C{seq} stored for C{room} (0 for none).
         """
 
-    def storeMessages(messages: list[tuple[str, str, str, str]]) -> object:
+    def storeMessages(
+        messages: list[tuple[str, str, str, str]],
+    ) -> Deferred[tuple[list[int], float]]:
         """
         Store (room, sender, text, ts) rows in one transaction, numbering
         each; fires with (seqs in the order given, C{time.monotonic()} of
         the commit).
         """
 
-    def history(room: str, after: int, limit: int) -> object:
+    def history(room: str, after: int, limit: int) -> Deferred[list[HistoryRow]]:
         """
         Fires with up to C{limit} L{HistoryRow}s of C{room} after C{after},
         oldest first.
         """
 
-    def recentHistory(room: str, limit: int) -> object:
+    def recentHistory(room: str, limit: int) -> Deferred[list[HistoryRow]]:
         """
         Fires with the last C{limit} L{HistoryRow}s of C{room}, oldest first.
         """
 
-    def roomsWithHistory(limit: int) -> object:
+    def roomsWithHistory(limit: int) -> Deferred[list[str]]:
         """
         Fires with the first C{limit} names, in order, of rooms that have
         history.
@@ -166,7 +173,7 @@ class IStore(IIdentityStore, IAccountStore, IChatLog):
         "Called with the seconds each committed transaction took (metrics)."
     )
 
-    def integrityCheck() -> object:
+    def integrityCheck() -> Deferred[str]:
         """
         Fires with the engine's verdict on the stored data (C{"ok"}).
         """
@@ -182,17 +189,17 @@ class IChatClient(Interface):
 
     joined = Attribute("The names of the rooms this connection is in (a set).")
 
-    def roomMessages(room: str, outgoing: object) -> None:
+    def roomMessages(room: str, outgoing: Outgoing) -> None:
         """
         Committed messages of C{room}, in C{seq} order.
         """
 
-    def presence(room: str, outgoing: object) -> None:
+    def presence(room: str, outgoing: Outgoing) -> None:
         """
         Someone joined or left C{room}.
         """
 
-    def privateMessage(outgoing: object) -> None:
+    def privateMessage(outgoing: Outgoing) -> None:
         """
         A private message to this user.
         """
@@ -206,7 +213,7 @@ class IBus(Interface):
     store.  Payloads are bytes; channels are short ASCII names.
     """
 
-    def publish(channel: str, payload: bytes) -> object:
+    def publish(channel: str, payload: bytes) -> Deferred[None]:
         """
         Send C{payload} to every subscriber of C{channel} on every node
         (this one included); fires once handed to the bus.
@@ -227,4 +234,53 @@ class IBus(Interface):
         """
         Call C{callback()} each time the bus is connected again after a
         loss (publications meanwhile may be lost: catch up from the store).
+        """
+
+
+class IRequestChannel(Interface):
+    """
+    One client connection as the dispatcher and the services see it,
+    whatever carries it (Int32 frames over TCP, TLS or a unix socket; a
+    WebSocket).  Everything sent goes through the connection's one bounded
+    output account: past its bound the reading stops, past the hard bound
+    the client is cut off as a slow consumer.
+    """
+
+    peer = Attribute("The peer's address and port, for log lines.")
+    address = Attribute(
+        "The peer's address as text (IPv4-mapped IPv6 as IPv4), empty for "
+        "a unix socket."
+    )
+    group = Attribute(
+        "The peer's address group (an IPv4 address, an IPv6 /64): the key "
+        "of per-address limits."
+    )
+    serial = Attribute("A number no other connection of this process has had.")
+    lost = Attribute("True once the connection is gone.")
+    outputCongested = Attribute(
+        "True while requests must wait for the connection's output to drain."
+    )
+    closing = Attribute("True once the connection accepts nothing more to send.")
+
+    def send(outgoing: Outgoing) -> None:
+        """
+        Send an L{twisted_lab.codecs.message.Outgoing} (one message or a
+        batch), encoded in the channel's own format.
+        """
+
+    def pauseReading(reason: str) -> None:
+        """
+        Stop reading requests for C{reason} (resumed once every reason is
+        gone).
+        """
+
+    def resumeReading(reason: str) -> None:
+        """
+        The C{reason} to pause reading is gone.
+        """
+
+    def closeAfterFlush() -> None:
+        """
+        Close once what was sent has been delivered (abort after a grace
+        period if the peer does not take it).
         """

@@ -17,21 +17,21 @@ netlabEcho = ServiceMaker(
 
 netlabIdentity = ServiceMaker(
     "netlab identity server",
-    "twisted_lab.services.identity",
+    "twisted_lab.taps.identity",
     "Recognise clients by IP address and greet them by name.",
     "netlab-identity",
 )
 
 netlabAuth = ServiceMaker(
     "netlab auth server",
-    "twisted_lab.services.auth",
+    "twisted_lab.taps.auth",
     "Accounts and sessions: register, login, tokens, argon2id hashes.",
     "netlab-auth",
 )
 
 netlabChat = ServiceMaker(
     "netlab chat server",
-    "twisted_lab.services.chat",
+    "twisted_lab.taps.chat",
     "Chat rooms, private messages and lossless history on netlab accounts.",
     "netlab-chat",
 )

@@ -35,6 +35,11 @@ MAX_INTEGER = 2**63 - 1
 
 Message = dict[str, Any]
 
+#: The C{type} metrics label of a request that could not be decoded or has
+#: a type the service does not know (a client chooses the type: never a
+#: label of its own).
+INVALID_REQUEST = "invalid"
+
 
 class RequestError(Exception):
     """

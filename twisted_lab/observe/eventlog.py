@@ -35,7 +35,6 @@ from twisted_lab.codecs.events import (
     DATA_RECEIVED,
     DATA_SENT,
     DATA_SUMMARY,
-    EVENTS_SUPPRESSED,
 )
 
 #: Default number of individually logged data events per connection per
@@ -169,75 +168,6 @@ class DataEventMeter:
                 self._timer.cancel()
             self._timer = None
         self.flush()
-
-
-class LogBudget:
-    """
-    At most C{limit} events of one name per C{interval} seconds are logged;
-    the rest are counted and reported in one C{events_suppressed} event
-    once the interval is over, so a client that provokes the same error
-    thousands of times writes a few lines, not megabytes.
-
-    It keeps no timer of its own: the server's deadline sweeper calls
-    L{tick}, and L{flush} reports what is left when the last connection
-    has gone.
-    """
-
-    def __init__(
-        self,
-        log: Logger,
-        clock: IReactorTime,
-        limit: int = 20,
-        interval: float = 60.0,
-    ) -> None:
-        self.log = log
-        self.clock = clock
-        self.limit = limit
-        self.interval = interval
-        #: event name -> [window start, logged, suppressed]
-        self._windows: dict[str, list[float]] = {}
-
-    def admit(self, name: str) -> bool:
-        """
-        Whether an event called C{name} may be logged now (if not, it is
-        counted for the summary).
-        """
-        now = self.clock.seconds()
-        window = self._windows.get(name)
-        if window is None or now - window[0] >= self.interval:
-            self._report(name)
-            window = self._windows[name] = [now, 0, 0]
-        if window[1] < self.limit:
-            window[1] += 1
-            return True
-        window[2] += 1
-        return False
-
-    def tick(self) -> None:
-        """
-        Report the counts of the intervals that are over.
-        """
-        now = self.clock.seconds()
-        for name, window in list(self._windows.items()):
-            if now - window[0] >= self.interval:
-                self._report(name)
-
-    def flush(self) -> None:
-        """
-        Report every count now.
-        """
-        for name in list(self._windows):
-            self._report(name)
-
-    def _report(self, name: str) -> None:
-        window = self._windows.pop(name, None)
-        if window is not None and window[2]:
-            self.log.warn(
-                "{count} more {suppressed} events were not logged one by one",
-                event=EVENTS_SUPPRESSED,
-                suppressed=name,
-                count=int(window[2]),
-            )
 
 
 class JSONEventLog:

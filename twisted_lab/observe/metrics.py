@@ -42,13 +42,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_lab.codecs import events
+
 #: Why a connection was refused (the C{reason} label): one per cap.
 REFUSED_MAX_CONNECTIONS = "max_connections"
 REFUSED_MAX_PER_ADDRESS = "max_connections_per_address"
 
-#: The C{type} label of a request that could not be decoded or has a type
-#: the service does not know (a client chooses the type: never a label).
-INVALID_REQUEST = "invalid"
 #: The C{outcome} of a request that got its reply.
 OK = "ok"
 
@@ -396,7 +395,7 @@ class MetricsServer:
             address = port.getHost()
             self.log.info(
                 "metrics on http://{interface}:{port}/metrics",
-                event="metrics_listening",
+                event=events.METRICS_LISTENING,
                 interface=getattr(address, "host", str(address)),
                 port=getattr(address, "port", None),
             )

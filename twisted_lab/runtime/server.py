@@ -29,15 +29,16 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from twisted_lab.codecs import events
-from twisted_lab.runtime import eventlog
-from twisted_lab.runtime.eventlog import JSONEventLog
-from twisted_lab.runtime.metrics import (
+from twisted_lab.observe import eventlog
+from twisted_lab.observe.eventlog import JSONEventLog
+from twisted_lab.observe.metrics import (
     MetricsServer,
 )
 from twisted_lab.runtime.startup import Console, StartupFailed
+from twisted_lab.runtime.storeservice import StoreService
 from twisted_lab.runtime.systemd import SystemdNotifier, whenOpened
 from twisted_lab.storage.sqlite import DEFAULT_PATH as DEFAULT_STORE_PATH
-from twisted_lab.storage.sqlite import Store, StoreService
+from twisted_lab.storage.sqlite import Store
 from twisted_lab.transports.connection import (
     DEFAULT_FRAME_MIN_RATE,
     DEFAULT_FRAME_TIMEOUT,

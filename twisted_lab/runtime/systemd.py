@@ -22,6 +22,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_lab.codecs import events
+
 READY = "READY=1"
 STOPPING = "STOPPING=1"
 
@@ -65,7 +67,7 @@ class SystemdNotifier:
         except OSError as e:
             self.log.warn(
                 "cannot notify systemd at {address}: {reason}",
-                event="notify_failed",
+                event=events.NOTIFY_FAILED,
                 address=self.address,
                 reason=str(e),
             )

@@ -31,6 +31,7 @@ from passlib.context import CryptContext
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
+from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import RequestError
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.-]{3,32}")
@@ -49,13 +50,15 @@ def canonicalUsername(raw: str) -> str:
     The account name for C{raw}, or L{RequestError} C{invalid_username}.
     """
     if len(raw) > MAX_RAW_USERNAME:
-        raise RequestError("invalid_username", "a username has 3 to 32 characters")
+        raise RequestError(
+            ErrorCode.INVALID_USERNAME, "a username has 3 to 32 characters"
+        )
     folded = unicodedata.normalize(
         "NFKC", unicodedata.normalize("NFKC", raw).casefold()
     )
     if not USERNAME_PATTERN.fullmatch(folded):
         raise RequestError(
-            "invalid_username",
+            ErrorCode.INVALID_USERNAME,
             "a username has 3 to 32 characters from a-z, 0-9, '_', '.', '-' "
             "(upper case and fullwidth letters count as lower case)",
         )
@@ -70,11 +73,12 @@ def checkPassword(password: str) -> None:
         len(password.encode("utf-8")) > MAX_PASSWORD_BYTES
     ):
         raise RequestError(
-            "weak_password", f"a password has at most {MAX_PASSWORD_BYTES} bytes"
+            ErrorCode.WEAK_PASSWORD,
+            f"a password has at most {MAX_PASSWORD_BYTES} bytes",
         )
     if len(password) < MIN_PASSWORD_CHARS:
         raise RequestError(
-            "weak_password",
+            ErrorCode.WEAK_PASSWORD,
             f"a password has at least {MIN_PASSWORD_CHARS} characters",
         )
 

@@ -7,7 +7,11 @@ Authentication goes through L{twisted.cred}: a L{Portal} with two checkers
 (L{PasswordChecker} for L{IUsernamePassword}, verifying argon2id hashes in
 threads; L{TokenChecker} for L{ISessionToken}) and a realm that hands the
 connection (the I{mind}) an L{IAccount} avatar.  The chat service reuses
-all of it: L{AuthProtocol} is the base of its protocol.
+all of it: L{AuthSession} is the base of its session.
+
+L{AuthService} is plain logic on a clock and a store: each connection,
+whatever transport carries it, gets an L{AuthSession} (its request
+handler); the wiring is in L{twisted_lab.taps.auth}.
 """
 
 from __future__ import annotations
@@ -15,45 +19,33 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from twisted.application.service import IService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.internet.protocol import connectionDone
-from twisted.python.failure import Failure
-from twisted.python.usage import UsageError
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_lab.codecs import events
+from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import (
-    DEFAULT_MAX_LENGTH,
     Message,
     RequestError,
     Text,
     rfc3339,
 )
-from twisted_lab.runtime.server import (
-    StoredServerOptions,
-    nonNegativeFloat,
-    positiveInt,
-)
+from twisted_lab.ports import IAccountStore, IRequestChannel
 from twisted_lab.services.accounts import (
-    DEFAULT_MEMORY_KIB,
-    DEFAULT_PARALLELISM,
-    DEFAULT_TIME_COST,
     PasswordHasher,
     canonicalUsername,
     checkPassword,
     newToken,
     tokenDigest,
 )
+from twisted_lab.services.context import ServerContext
+from twisted_lab.services.handler import RequestHandler
 from twisted_lab.services.limits import FailureThrottle, RequestLimit, TokenBucket
 from twisted_lab.services.sessionwatch import SessionWatch
-from twisted_lab.storage.sqlite import Store
-from twisted_lab.transports.connection import ServerFactory
-from twisted_lab.transports.int32 import MessageProtocol
 
 T = TypeVar("T")
 
@@ -65,7 +57,7 @@ DEFAULT_REGISTRATIONS_PER_HOUR = 20
 ACCOUNT_FREE_FAILURES = 5
 ADDRESS_FREE_FAILURES = 20
 
-BAD_CREDENTIALS = RequestError("bad_credentials", "wrong username or password")
+BAD_CREDENTIALS = RequestError(ErrorCode.BAD_CREDENTIALS, "wrong username or password")
 
 
 # -- cred: credentials, checkers, realm --------------------------------------
@@ -128,7 +120,7 @@ class PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, store: Store, hasher: PasswordHasher) -> None:
+    def __init__(self, store: IAccountStore, hasher: PasswordHasher) -> None:
         self.store = store
         self.hasher = hasher
 
@@ -154,7 +146,7 @@ class TokenChecker:
 
     credentialInterfaces = (ISessionToken,)
 
-    def __init__(self, store: Store, clock: Any, idle: float) -> None:
+    def __init__(self, store: IAccountStore, clock: Any, idle: float) -> None:
         self.store = store
         self.clock = clock
         self.idle = idle
@@ -205,12 +197,13 @@ AUTH_LIMITS = {
 }
 
 
-class AuthProtocol(MessageProtocol):
+class AuthSession(RequestHandler):
     """
-    One client of the auth service (and the base of the chat protocol).
+    One client of the auth service (and the base of the chat session): its
+    requests, and the account it acts as once logged in.  The connection
+    (any transport) is the I{mind} handed to the portal.
     """
 
-    factory: AuthFactory
     requests = {
         "register": {"username": USERNAME, "password": PASSWORD},
         "login": {"username": USERNAME, "password": PASSWORD},
@@ -222,6 +215,12 @@ class AuthProtocol(MessageProtocol):
     }
 
     limits = AUTH_LIMITS
+
+    def __init__(
+        self, channel: IRequestChannel, context: ServerContext, service: AuthService
+    ) -> None:
+        super().__init__(channel, context)
+        self.service = service
 
     account: Account | None = None
     sessionDigest: bytes | None = None
@@ -239,51 +238,53 @@ class AuthProtocol(MessageProtocol):
         shares.  The attempt is counted before the hash starts, so guesses
         sent at once count as they arrive; a success gives it back.
         """
-        factory = self.factory
+        service = self.service
         # A blocked address is refused before the account is touched: an
         # attempt that never reaches the hash must not re-block the account.
-        wait = factory.addressFailures.retryAfter(self.group)
+        wait = service.addressFailures.retryAfter(self.channel.group)
         if not wait:
-            wait = factory.accountFailures.reserve(username)
+            wait = service.accountFailures.reserve(username)
         if wait:
-            factory.stats.authAttempt("password", "throttled")
+            self.context.stats.authAttempt("password", "throttled")
             raise self.rateLimited(wait, "password")
-        factory.addressFailures.reserve(self.group)
+        service.addressFailures.reserve(self.channel.group)
         try:
             result = await check()
         except UnauthorizedLogin:
-            factory.stats.authAttempt("password", "failure")
-            if factory.logBudget.admit("login_failed"):
+            self.context.stats.authAttempt("password", "failure")
+            if self.context.logBudget.admit(events.LOGIN_FAILED):
                 self.log.info(
                     "{peer}: wrong password for {username}",
-                    event="login_failed",
+                    event=events.LOGIN_FAILED,
                     peer=self.peer,
                     username=username,
                 )
             raise BAD_CREDENTIALS from None
         except BaseException:
-            factory.accountFailures.release(username)
-            factory.addressFailures.release(self.group)
-            factory.stats.authAttempt("password", "error")
+            service.accountFailures.release(username)
+            service.addressFailures.release(self.channel.group)
+            self.context.stats.authAttempt("password", "error")
             raise
-        factory.stats.authAttempt("password", "success")
-        factory.accountFailures.succeeded(username)
-        factory.addressFailures.release(self.group)
+        self.context.stats.authAttempt("password", "success")
+        service.accountFailures.succeeded(username)
+        service.addressFailures.release(self.channel.group)
         return result
 
     async def request_register(self, message: Message) -> Message:
-        factory = self.factory
-        wait = factory.registrations.take(self.group)
+        service = self.service
+        wait = service.registrations.take(self.channel.group)
         if wait:
             raise self.rateLimited(wait, "registration")
         username = canonicalUsername(message["username"])
         checkPassword(message["password"])
-        passwordHash = await factory.hasher.hash(message["password"])
-        if not await factory.store.createAccount(username, passwordHash, factory.now()):
-            raise RequestError("username_taken", f"{username!r} is taken")
+        passwordHash = await service.hasher.hash(message["password"])
+        if not await service.store.createAccount(
+            username, passwordHash, self.context.now()
+        ):
+            raise RequestError(ErrorCode.USERNAME_TAKEN, f"{username!r} is taken")
         self.log.info(
             "{peer} registered {username}",
-            event="user_registered",
+            event=events.USER_REGISTERED,
             peer=self.peer,
             username=username,
         )
@@ -297,21 +298,21 @@ class AuthProtocol(MessageProtocol):
         credentials = PasswordCredentials(username, message["password"])
         _, avatar, logout = await self.checkingPassword(
             username,
-            lambda: self.factory.portal.login(credentials, self, IAccount),
+            lambda: self.service.portal.login(credentials, self, IAccount),
         )
-        return await self._startSession(avatar, logout, "login_succeeded")
+        return await self._startSession(avatar, logout, events.LOGIN_SUCCEEDED)
 
     async def _startSession(self, avatar: Any, logout: Any, event: str) -> Message:
-        factory = self.factory
+        service = self.service
         token = newToken()
         digest = tokenDigest(token)
         try:
-            expires = await factory.store.createSession(
+            expires = await service.store.createSession(
                 digest,
                 avatar.username,
-                factory.now(),
-                factory.sessionIdle,
-                factory.sessionMax,
+                self.context.now(),
+                service.sessionIdle,
+                service.sessionMax,
             )
         except BaseException:
             logout()
@@ -341,7 +342,7 @@ class AuthProtocol(MessageProtocol):
         The connection now acts as C{avatar}, holding session C{digest};
         C{logout} (from the realm) is called when it stops doing so.
         """
-        if self.lost:
+        if self.channel.lost:
             # The connection closed while the check ran: nobody to act as.
             logout()
             return
@@ -349,7 +350,7 @@ class AuthProtocol(MessageProtocol):
         self.account = avatar
         self.sessionDigest = digest
         self._logout = logout
-        self.factory.sessions.hold(self, digest, expiresAt, avatar.username)
+        self.service.sessions.hold(self, digest, expiresAt, avatar.username)
 
     def sessionEnded(self, code: str, reason: str) -> None:
         """
@@ -365,20 +366,20 @@ class AuthProtocol(MessageProtocol):
             username=account.username if account is not None else None,
             code=code,
         )
-        self.sendMessage({"type": "error", "code": code, "message": reason})
+        self.send({"type": "error", "code": code, "message": reason})
 
     async def request_resume(self, message: Message) -> Message:
         credentials = SessionToken(message["token"])
         try:
-            _, avatar, logout = await self.factory.portal.login(
+            _, avatar, logout = await self.service.portal.login(
                 credentials, self, IAccount
             )
         except UnauthorizedLogin:
-            self.factory.stats.authAttempt("token", "failure")
+            self.context.stats.authAttempt("token", "failure")
             raise RequestError(
-                "invalid_token", "unknown, expired or revoked token"
+                ErrorCode.INVALID_TOKEN, "unknown, expired or revoked token"
             ) from None
-        self.factory.stats.authAttempt("token", "success")
+        self.context.stats.authAttempt("token", "success")
         self._loggedIn(
             cast(Account, avatar),
             tokenDigest(credentials.token),
@@ -387,7 +388,7 @@ class AuthProtocol(MessageProtocol):
         )
         self.log.info(
             "{peer} resumed the session of {username}",
-            event="session_resumed",
+            event=events.SESSION_RESUMED,
             peer=self.peer,
             username=cast(Account, avatar).username,
         )
@@ -399,15 +400,17 @@ class AuthProtocol(MessageProtocol):
         been revoked elsewhere or expired); else C{not_authenticated}.
         """
         if self.account is None or self.sessionDigest is None:
-            raise RequestError("not_authenticated", "log in or resume a session first")
-        factory = self.factory
-        live = await factory.store.useSession(
-            self.sessionDigest, factory.now(), factory.sessionIdle
+            raise RequestError(
+                ErrorCode.NOT_AUTHENTICATED, "log in or resume a session first"
+            )
+        service = self.service
+        live = await service.store.useSession(
+            self.sessionDigest, self.context.now(), service.sessionIdle
         )
         if live is None:
             self._loggedOut()
             raise RequestError(
-                "not_authenticated", "the session has expired or was revoked"
+                ErrorCode.NOT_AUTHENTICATED, "the session has expired or was revoked"
             )
         return self.account
 
@@ -415,13 +418,12 @@ class AuthProtocol(MessageProtocol):
         logout, self._logout = self._logout, None
         self.account = None
         self.sessionDigest = None
-        self.factory.sessions.release(self)
+        self.service.sessions.release(self)
         if logout is not None:
             logout()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self) -> None:
         self._loggedOut()
-        MessageProtocol.connectionLost(self, reason)
 
     async def request_whoami(self, message: Message) -> Message:
         account = await self.requireSession()
@@ -431,12 +433,12 @@ class AuthProtocol(MessageProtocol):
         account = await self.requireSession()
         digest = self.sessionDigest
         assert digest is not None
-        await self.factory.store.deleteSession(digest, self.factory.now())
+        await self.service.store.deleteSession(digest, self.context.now())
         self._loggedOut()
-        self.factory.sessions.revoked(digest, "logged_out")
+        self.service.sessions.revoked(digest, "logged_out")
         self.log.info(
             "{peer}: {username} logged out",
-            event="logged_out",
+            event=events.LOGGED_OUT,
             peer=self.peer,
             username=account.username,
         )
@@ -444,23 +446,26 @@ class AuthProtocol(MessageProtocol):
 
     async def request_change_password(self, message: Message) -> Message:
         account = await self.requireSession()
-        factory = self.factory
+        service = self.service
         checkPassword(message["new"])
         credentials = PasswordCredentials(account.username, message["old"])
         await self.checkingPassword(
             account.username,
-            lambda: factory.passwordChecker.requestAvatarId(credentials),
+            lambda: service.passwordChecker.requestAvatarId(credentials),
         )
-        newHash = await factory.hasher.hash(message["new"])
-        await factory.store.setPasswordHash(
-            account.username, newHash, keepSession=self.sessionDigest, now=factory.now()
+        newHash = await service.hasher.hash(message["new"])
+        await service.store.setPasswordHash(
+            account.username,
+            newHash,
+            keepSession=self.sessionDigest,
+            now=self.context.now(),
         )
-        for digest in factory.sessions.digestsOf(account.username):
+        for digest in service.sessions.digestsOf(account.username):
             if digest != self.sessionDigest:
-                factory.sessions.revoked(digest, "password_changed")
+                service.sessions.revoked(digest, "password_changed")
         self.log.info(
             "{peer}: {username} changed password",
-            event="password_changed",
+            event=events.PASSWORD_CHANGED,
             peer=self.peer,
             username=account.username,
         )
@@ -470,33 +475,36 @@ class AuthProtocol(MessageProtocol):
         return {"type": "pong"}
 
 
-class AuthFactory(ServerFactory):
+class AuthService:
     """
-    Shared state of the auth service: store, hasher, portal, throttles.
+    The auth service: accounts, sessions, the login throttles, the portal.
+
+    Plain logic on a clock and an L{IAccountStore}; each connection gets an
+    L{AuthSession} from L{handlerFor}, whatever transport carries it.
     """
 
-    protocol = AuthProtocol
+    sessionClass: type[AuthSession] = AuthSession
 
     def __init__(
         self,
-        store: Store,
+        store: Any,
         hasher: PasswordHasher,
+        context: ServerContext,
         *,
         sessionIdle: float = DEFAULT_SESSION_IDLE,
         sessionMax: float = DEFAULT_SESSION_MAX,
         registrationsPerHour: int = DEFAULT_REGISTRATIONS_PER_HOUR,
-        **settings: Any,
     ) -> None:
-        settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
-        super().__init__(**settings)
         self.store = store
         self.hasher = hasher
+        self.context = context
         self.sessionIdle = sessionIdle
         self.sessionMax = sessionMax
         self.registrationsPerHour = registrationsPerHour
-        clock = self.clock
+        clock = context.clock
         if clock is None:
-            raise TypeError("the auth factory needs its clock (the reactor)")
+            raise TypeError("the auth service needs its clock (the reactor)")
+        context.requestLimits.update(self.sessionClass.limits)
         self.accountFailures = FailureThrottle(clock, free=ACCOUNT_FREE_FAILURES)
         self.addressFailures = FailureThrottle(clock, free=ADDRESS_FREE_FAILURES)
         self.registrations = TokenBucket(
@@ -510,8 +518,11 @@ class AuthFactory(ServerFactory):
             [self.passwordChecker, TokenChecker(store, clock, sessionIdle)],
         )
         self.sessions = SessionWatch(store, clock, sessionIdle)
-        self.stats.enableStore(store)
-        self.stats.enableAuth(hasher)
+        stats = context.stats
+        if stats is not None:
+            stats.enableRequests()
+            stats.enableStore(store)
+            stats.enableAuth(hasher)
 
     def makeRealm(self) -> Any:
         """
@@ -519,80 +530,8 @@ class AuthFactory(ServerFactory):
         """
         return AccountRealm()
 
-
-class Options(StoredServerOptions):
-    """
-    Options of C{twistd netlab-auth}.
-    """
-
-    synopsis = "[options]"
-    longdesc = (
-        "Accounts and sessions: register, login, resume, whoami, logout, "
-        "change_password.  Listens on 127.0.0.1:9092 by default."
-    )
-    defaultPort = DEFAULT_PORT
-    defaultMaxLength = DEFAULT_MAX_LENGTH
-    optParameters = [
-        ["hash-memory-kib", None, DEFAULT_MEMORY_KIB, "argon2id memory cost.", int],
-        ["hash-time-cost", None, DEFAULT_TIME_COST, "argon2id iterations.", int],
-        ["hash-parallelism", None, DEFAULT_PARALLELISM, "argon2id lanes.", int],
-        [
-            "session-idle",
-            None,
-            DEFAULT_SESSION_IDLE,
-            "Seconds a session lives unused.",
-            nonNegativeFloat,
-        ],
-        [
-            "session-max",
-            None,
-            DEFAULT_SESSION_MAX,
-            "Seconds a session lives at most.",
-            nonNegativeFloat,
-        ],
-        [
-            "registrations-per-hour",
-            None,
-            DEFAULT_REGISTRATIONS_PER_HOUR,
-            "Registrations allowed per client address per hour.",
-            positiveInt,
-        ],
-    ]
-
-    def postOptions(self) -> None:
-        if self["hash-memory-kib"] < 8 * self["hash-parallelism"]:
-            raise UsageError("--hash-memory-kib must be at least 8 per lane")
-        if self["hash-time-cost"] < 1 or self["hash-parallelism"] < 1:
-            raise UsageError("--hash-time-cost and --hash-parallelism must be >= 1")
-        super().postOptions()
-
-    def hasher(self, reactor: Any) -> PasswordHasher:
-        return PasswordHasher(
-            self["hash-memory-kib"],
-            self["hash-time-cost"],
-            self["hash-parallelism"],
-            reactor=reactor,
-        )
-
-    def authSettings(self, reactor: Any) -> dict[str, Any]:
-        return {
-            "sessionIdle": self["session-idle"],
-            "sessionMax": self["session-max"],
-            "registrationsPerHour": self["registrations-per-hour"],
-            **self.factorySettings(reactor),
-        }
-
-
-def makeService(config: Options, reactor: Any = None) -> IService:
-    """
-    The auth server described by C{config}: its services, not yet
-    started.  twistd calls it with the options alone, after installing its
-    reactor; tests pass their own.
-    """
-    if reactor is None:
-        from twisted.internet import reactor
-    store = Store(config["db"])
-    factory = AuthFactory(
-        store, config.hasher(reactor), **config.authSettings(reactor)
-    )
-    return config.makeStoredService("netlab-auth", store, factory)
+    def handlerFor(self, channel: IRequestChannel) -> AuthSession:
+        """
+        The request handler of a new connection.
+        """
+        return self.sessionClass(channel, self.context, self)

@@ -20,36 +20,35 @@ import re
 import time
 from typing import Any
 
-from twisted.application.service import IService
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_lab.codecs.framing import encodeFrame
+from twisted_lab.codecs import events
+from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import (
     Integer,
     Message,
+    Outgoing,
     RequestError,
     Text,
     encodeMessage,
     rfc3339,
 )
-from twisted_lab.runtime.metrics import ServerStats
-from twisted_lab.runtime.server import positiveInt
-from twisted_lab.services import auth
+from twisted_lab.ports import IChatClient, IRequestChannel
 from twisted_lab.services.accounts import canonicalUsername
 from twisted_lab.services.auth import (
     AUTH_LIMITS,
     Account,
-    AuthFactory,
-    AuthProtocol,
+    AuthService,
+    AuthSession,
     IAccount,
 )
+from twisted_lab.services.context import ServerContext
 from twisted_lab.services.limits import RequestLimit, TokenBucket
-from twisted_lab.storage.sqlite import Store
 
 DEFAULT_PORT = 9093
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -86,24 +85,20 @@ CHAT_LIMITS = {
 }
 
 
-def positiveFloat(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(f"{value} is not a positive number")
-    return number
-
-
 def validRoom(raw: str) -> str:
     if not ROOM_PATTERN.fullmatch(raw):
         raise RequestError(
-            "invalid_room", "a room name has 1 to 32 characters from a-z, 0-9, _ and -"
+            ErrorCode.INVALID_ROOM,
+            "a room name has 1 to 32 characters from a-z, 0-9, _ and -",
         )
     return raw
 
 
 def validText(text: str) -> str:
     if not 1 <= len(text) <= MAX_TEXT:
-        raise RequestError("bad_request", f"a message has 1 to {MAX_TEXT} characters")
+        raise RequestError(
+            ErrorCode.BAD_REQUEST, f"a message has 1 to {MAX_TEXT} characters"
+        )
     return text
 
 
@@ -116,12 +111,12 @@ class Room:
     def __init__(self, name: str, lastSeq: int) -> None:
         self.name = name
         self.lastSeq = lastSeq
-        self.members: dict[str, set[ChatProtocol]] = {}
+        self.members: dict[str, set[IChatClient]] = {}
         #: Messages posted and not yet committed (or failed): the room is
         #: not forgotten while there are any (their broadcast needs it).
         self.pending = 0
 
-    def connections(self) -> list[ChatProtocol]:
+    def connections(self) -> list[IChatClient]:
         """
         A snapshot of every member connection (a delivery may disconnect a
         slow consumer, which changes the membership while we iterate).
@@ -137,7 +132,7 @@ class ChatUser(Account):
 
     def __init__(self, username: str) -> None:
         super().__init__(username)
-        self.minds: set[ChatProtocol] = set()
+        self.minds: set[IChatClient] = set()
 
 
 @implementer(IRealm)
@@ -159,35 +154,323 @@ class ChatRealm:
         return IAccount, user, lambda: self.service.detach(user, mind)
 
 
-class ChatService:
+def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
     """
-    Rooms, online users, sequence numbers, the group commit and fan-out.
+    A Deferred that fires with C{d}'s result without consuming it, so
+    several waiters can wait for one room to load.
+    """
+    shared: defer.Deferred[Room] = defer.Deferred()
+
+    def passOn(result: Any) -> Any:
+        if isinstance(result, Failure):
+            shared.errback(result)
+        else:
+            shared.callback(result)
+        return result
+
+    d.addBoth(passOn)
+    return shared
+
+
+ROOM = Text(maxChars=64)
+
+
+@implementer(IChatClient)
+class ChatSession(AuthSession):
+    """
+    One chat connection: its requests, and the mind of a L{ChatUser}.
+
+    Everything it is sent (replies, broadcasts, private messages, presence)
+    goes through the channel's one output account: a member that does not
+    read is cut off as a slow consumer past C{--max-send-queue}, so its
+    backlog, and the server's memory, stay bounded while the others carry on.
     """
 
-    log = Logger()
+    service: ChatService
+    limits = CHAT_LIMITS
+    requests = {
+        **AuthSession.requests,
+        "join": {"room": ROOM},
+        "leave": {"room": ROOM},
+        "say": {"room": ROOM, "text": Text(maxChars=MAX_TEXT)},
+        "msg": {"to": Text(maxChars=1024), "text": Text(maxChars=MAX_TEXT)},
+        "history": {
+            "room": ROOM,
+            "after": Integer(minimum=0, required=False),
+            "limit": Integer(minimum=1, maximum=MAX_HISTORY, required=False),
+        },
+        "who": {"room": ROOM},
+        "rooms": {},
+    }
 
-    def __init__(self, store: Store, clock: Any = None) -> None:
-        self.store = store
-        self.clock = clock
+    def __init__(
+        self, channel: IRequestChannel, context: ServerContext, service: ChatService
+    ) -> None:
+        super().__init__(channel, context, service)
+        self.joined: set[str] = set()
+
+    # -- IChatClient: what the service tells this connection -------------------
+
+    def roomMessages(self, room: str, outgoing: Outgoing) -> None:
+        self._deliver(outgoing)
+
+    def presence(self, room: str, outgoing: Outgoing) -> None:
+        self._deliver(outgoing)
+
+    def privateMessage(self, outgoing: Outgoing) -> None:
+        self._deliver(outgoing)
+
+    def _deliver(self, outgoing: Outgoing) -> None:
+        if not self.channel.closing:
+            self.channel.send(outgoing)
+
+    # -- requests ----------------------------------------------------------------
+
+    def chatUser(self) -> ChatUser:
+        if not isinstance(self.account, ChatUser):
+            raise RequestError(
+                ErrorCode.NOT_AUTHENTICATED, "log in or resume a session first"
+            )
+        return self.account
+
+    async def request_join(self, message: Message) -> Message:
+        user = self.chatUser()
+        service = self.service
+        name = validRoom(message["room"])
+        if name not in self.joined and len(self.joined) >= MAX_ROOMS_PER_CONNECTION:
+            raise RequestError(
+                ErrorCode.TOO_MANY_ROOMS,
+                f"a connection may be in at most {MAX_ROOMS_PER_CONNECTION} rooms",
+            )
+        room = await service.room(name)
+        if self.account is not user:
+            raise RequestError(ErrorCode.NOT_AUTHENTICATED, "logged out meanwhile")
+        room = service.join(room, user, self)
+        lastSeq = room.lastSeq
+        rows = await self.service.store.recentHistory(room.name, HISTORY_ON_JOIN)
+        members, moreMembers = _listed(sorted(room.members))
+        budget = self.context.maxLength - REPLY_SLACK - sum(len(m) + 3 for m in members)
+        history, moreHistory = _fitting(room.name, rows, budget, newest=True)
+        reply: Message = {
+            "type": "joined",
+            "room": room.name,
+            "members": members,
+            "history": history,
+            "last_seq": lastSeq,
+        }
+        if moreMembers:
+            reply["more_members"] = True
+        if moreHistory:
+            reply["more"] = True
+        return reply
+
+    def request_leave(self, message: Message) -> Message:
+        user = self.chatUser()
+        name = validRoom(message["room"])
+        room = self.service.rooms.get(name)
+        if room is not None:
+            self.service.leave(room, user, self)
+        return {"type": "left", "room": name}
+
+    async def request_say(self, message: Message) -> None:
+        user = self.chatUser()
+        name = validRoom(message["room"])
+        text = validText(message["text"])
+        if name not in self.joined:
+            raise RequestError(
+                ErrorCode.NOT_IN_ROOM, f"join {name} before saying anything there"
+            )
+        service = self.service
+        await service.post(service.rooms[name], user.username, text)
+        return None
+
+    def request_msg(self, message: Message) -> Message:
+        user = self.chatUser()
+        text = validText(message["text"])
+        try:
+            to = canonicalUsername(message["to"])
+        except RequestError:
+            to = ""
+        target = self.service.users.get(to)
+        if target is None or not target.minds:
+            raise RequestError(ErrorCode.NO_SUCH_USER, "no such user is online")
+        wait = self.service.inbox.take(to)
+        if wait:
+            raise self.rateLimited(wait, f"private messages to {to}")
+        outgoing = Outgoing(
+            {
+                "type": "private",
+                "from": user.username,
+                "text": text,
+                "ts": rfc3339(self.context.now()),
+            }
+        )
+        minds = list(target.minds)
+        for mind in minds:
+            mind.privateMessage(outgoing)
+        stats = self.context.stats
+        stats.deliveries["private"] += len(minds)
+        if self.context.logBudget.admit(events.PRIVATE_SENT):
+            self.log.info(
+                "{user} sent a private message to {to}",
+                event=events.PRIVATE_SENT,
+                user=user.username,
+                to=to,
+            )
+        return {"type": "sent", "to": to}
+
+    async def request_history(self, message: Message) -> Message:
+        self.chatUser()
+        name = validRoom(message["room"])
+        limit = message.get("limit", 100)
+        newest = "after" not in message
+        if newest:  # (netlab) no "after": the latest `limit` messages
+            rows = await self.service.store.recentHistory(name, limit)
+        else:
+            rows = await self.service.store.history(name, message["after"], limit)
+        messages, more = _fitting(
+            name, rows, self.context.maxLength - REPLY_SLACK, newest=newest
+        )
+        reply: Message = {"type": "history", "room": name, "messages": messages}
+        if more:
+            reply["more"] = True
+        return reply
+
+    def request_who(self, message: Message) -> Message:
+        self.chatUser()
+        name = validRoom(message["room"])
+        room = self.service.rooms.get(name)
+        members, more = _listed(sorted(room.members) if room is not None else [])
+        reply: Message = {"type": "members", "room": name, "members": members}
+        if more:
+            reply["more"] = True
+        return reply
+
+    async def request_rooms(self, message: Message) -> Message:
+        self.chatUser()
+        names = set(await self.service.store.roomsWithHistory(MAX_LISTED))
+        rooms = self.service.rooms
+        names.update(name for name, room in rooms.items() if room.members)
+        listed, more = _listed(sorted(names))
+        reply: Message = {
+            "type": "rooms",
+            "rooms": [
+                {
+                    "room": name,
+                    "members": len(rooms[name].members) if name in rooms else 0,
+                }
+                for name in listed
+            ],
+        }
+        if more:
+            reply["more"] = True
+        return reply
+
+
+def _listed(names: list[str]) -> tuple[list[str], bool]:
+    """
+    At most L{MAX_LISTED} of C{names}, and whether some were left out.
+    """
+    return names[:MAX_LISTED], len(names) > MAX_LISTED
+
+
+def _fitting(
+    room: str, rows: list[tuple[int, str, str, str]], budget: int, newest: bool
+) -> tuple[list[Message], bool]:
+    """
+    The messages of C{rows} (oldest first) that fit in C{budget} bytes of
+    JSON, and whether some were left out: the newest ones when C{newest}
+    (what a join shows), else the oldest (what a catch-up reads next, then
+    asks again from the last C{seq}).
+    """
+    messages = [_message(room, row) for row in rows]
+    order = reversed(range(len(messages))) if newest else range(len(messages))
+    kept = 0
+    used = 0
+    for i in order:
+        used += len(encodeMessage(messages[i])) + 1
+        if used > budget:
+            break
+        kept += 1
+    if kept == len(messages):
+        return messages, False
+    if newest:
+        return messages[len(messages) - kept :], True
+    return messages[:kept], True
+
+
+def _message(room: str, row: tuple[int, str, str, str]) -> Message:
+    seq, sender, text, ts = row
+    return {
+        "type": "message",
+        "room": room,
+        "from": sender,
+        "text": text,
+        "ts": ts,
+        "seq": seq,
+    }
+
+
+class ChatService(AuthService):
+    """
+    The auth service plus rooms, online users, the group commit and
+    fan-out.  Its members are L{IChatClient}s: it tells them what happened
+    and never knows how it reaches them.
+    """
+
+    sessionClass = ChatSession
+
+    def __init__(
+        self,
+        store: Any,
+        hasher: Any,
+        context: ServerContext,
+        *,
+        messageRate: float = DEFAULT_MESSAGE_RATE,
+        messageBurst: int = DEFAULT_MESSAGE_BURST,
+        **settings: Any,
+    ) -> None:
+        super().__init__(store, hasher, context, **settings)
+        clock = context.clock
+        assert clock is not None, "AuthService checked it"
+        self.clock: IReactorTime = clock
         self.users: dict[str, ChatUser] = {}
         self.rooms: dict[str, Room] = {}
         self._loading: dict[str, defer.Deferred[Room]] = {}
         self._batch: list[tuple[Room, str, str, defer.Deferred[None]]] = []
         self._flushCall: IDelayedCall | None = None
         self._flushing = False
-        #: Counters for --metrics (the factory's, once it has made us).
-        self.stats = ServerStats()
+        messages = RequestLimit(messageRate, messageBurst, bucket="messages")
+        context.requestLimits["say"] = context.requestLimits["msg"] = messages
+        #: However many senders there are, one user receives private
+        #: messages no faster than a few members' worth of messages.
+        self.inbox = TokenBucket(
+            self.clock, burst=4 * messageBurst, rate=4 * messageRate
+        )
+        if context.stats is not None:
+            context.stats.enableChat()
+
+    @property
+    def log(self) -> Logger:
+        return self.context.log
+
+    @property
+    def stats(self) -> Any:
+        return self.context.stats
+
+    def makeRealm(self) -> Any:
+        return ChatRealm(self)
 
     # -- users ------------------------------------------------------------------
 
-    def attach(self, username: str, mind: ChatProtocol) -> ChatUser:
+    def attach(self, username: str, mind: IChatClient) -> ChatUser:
         user = self.users.get(username)
         if user is None:
             user = self.users[username] = ChatUser(username)
         user.minds.add(mind)
         return user
 
-    def detach(self, user: ChatUser, mind: ChatProtocol) -> None:
+    def detach(self, user: ChatUser, mind: IChatClient) -> None:
         for name in list(mind.joined):
             self.leave(self.rooms[name], user, mind)
         user.minds.discard(mind)
@@ -216,7 +499,7 @@ class ChatService:
         room = self.rooms.setdefault(name, Room(name, lastSeq))
         return room
 
-    def join(self, room: Room, user: ChatUser, mind: ChatProtocol) -> Room:
+    def join(self, room: Room, user: ChatUser, mind: IChatClient) -> Room:
         """
         Add a connection to the room; the room joined (the one the service
         holds under that name, should C{room} have been forgotten while the
@@ -230,7 +513,7 @@ class ChatService:
         if newcomer:
             self.log.info(
                 "{user} joined {room}",
-                event="room_joined",
+                event=events.ROOM_JOINED,
                 user=user.username,
                 room=room.name,
             )
@@ -246,7 +529,7 @@ class ChatService:
             )
         return room
 
-    def leave(self, room: Room, user: ChatUser, mind: ChatProtocol) -> bool:
+    def leave(self, room: Room, user: ChatUser, mind: IChatClient) -> bool:
         """
         Remove a connection; True if the user is no longer in the room.
         """
@@ -260,7 +543,10 @@ class ChatService:
         del room.members[user.username]
         self._forgetIfUnused(room)
         self.log.info(
-            "{user} left {room}", event="room_left", user=user.username, room=room.name
+            "{user} left {room}",
+            event=events.ROOM_LEFT,
+            user=user.username,
+            room=room.name,
         )
         self.broadcast(
             room,
@@ -325,17 +611,20 @@ class ChatService:
                     "seq": seq,
                 }
                 messages.append((room, message, done))
-            # One write per member per room for the whole batch, in seq
-            # order: each message encoded once, the same bytes for all.
-            byRoom: dict[str, tuple[Room, list[bytes]]] = {}
+            # One delivery per member per room for the whole batch, in seq
+            # order: each message encoded once per wire format for all.
+            byRoom: dict[str, tuple[Room, list[Message]]] = {}
             for room, message, _ in messages:
-                frame = encodeFrame(encodeMessage(message))
-                byRoom.setdefault(room.name, (room, []))[1].append(frame)
+                byRoom.setdefault(room.name, (room, []))[1].append(message)
             stats = self.stats
             stats.chatMessagesStored += len(messages)
-            for room, frames in byRoom.values():
-                members = self.send(room, b"".join(frames), count=len(frames))
-                stats.deliveries["room"] += members * len(frames)
+            for room, roomMessages in byRoom.values():
+                outgoing = Outgoing(*roomMessages)
+                members = 0
+                for client in room.connections():
+                    client.roomMessages(room.name, outgoing)
+                    members += 1
+                stats.deliveries["room"] += members * len(roomMessages)
                 seconds = stats.deliverySeconds
                 if seconds is not None:
                     seconds.observe(time.monotonic() - committedAt)
@@ -366,7 +655,7 @@ class ChatService:
         for name, seqs in byRoom.items():
             self.log.info(
                 "stored {count} message(s) in {room} (seq {first}-{last})",
-                event="message_stored",
+                event=events.MESSAGE_STORED,
                 room=name,
                 count=len(seqs),
                 first=seqs[0],
@@ -374,355 +663,13 @@ class ChatService:
             )
 
     def broadcast(
-        self, room: Room, message: Message, exclude: ChatProtocol | None = None
+        self, room: Room, message: Message, exclude: IChatClient | None = None
     ) -> None:
         """
-        Encode once; write the same bytes to every member connection.
+        Tell every member connection but C{exclude} about a presence
+        change, one L{Outgoing} for all.
         """
-        self.send(room, encodeFrame(encodeMessage(message)), exclude)
-
-    def send(
-        self,
-        room: Room,
-        frames: bytes,
-        exclude: ChatProtocol | None = None,
-        count: int = 1,
-    ) -> int:
-        """
-        Write the same C{frames} (C{count} of them) to every member
-        connection of C{room}; how many connections they were written to.
-        """
-        now = self.clock.seconds()
-        written = 0
-        for connection in room.connections():
-            if connection is not exclude:
-                connection.deliver(frames, now)
-                written += 1
-        self.stats.framesSent += written * count
-        return written
-
-
-def _share(d: defer.Deferred[Room]) -> defer.Deferred[Room]:
-    """
-    A Deferred that fires with C{d}'s result without consuming it, so
-    several waiters can wait for one room to load.
-    """
-    shared: defer.Deferred[Room] = defer.Deferred()
-
-    def passOn(result: Any) -> Any:
-        if isinstance(result, Failure):
-            shared.errback(result)
-        else:
-            shared.callback(result)
-        return result
-
-    d.addBoth(passOn)
-    return shared
-
-
-ROOM = Text(maxChars=64)
-
-
-class ChatProtocol(AuthProtocol):
-    """
-    One chat connection: the mind of a L{ChatUser}.
-
-    Everything it is sent (replies, broadcasts, private messages, presence)
-    goes through the connection's one output account: a member that does
-    not read is cut off as a slow consumer past C{--max-send-queue}, so its
-    backlog, and the server's memory, stay bounded while the others carry on.
-    """
-
-    factory: ChatFactory
-    limits = CHAT_LIMITS
-    requests = {
-        **AuthProtocol.requests,
-        "join": {"room": ROOM},
-        "leave": {"room": ROOM},
-        "say": {"room": ROOM, "text": Text(maxChars=MAX_TEXT)},
-        "msg": {"to": Text(maxChars=1024), "text": Text(maxChars=MAX_TEXT)},
-        "history": {
-            "room": ROOM,
-            "after": Integer(minimum=0, required=False),
-            "limit": Integer(minimum=1, maximum=MAX_HISTORY, required=False),
-        },
-        "who": {"room": ROOM},
-        "rooms": {},
-    }
-
-    def connectionMade(self) -> None:
-        self.joined: set[str] = set()
-        super().connectionMade()
-
-    def deliver(self, frame: bytes, now: float | None = None) -> None:
-        """
-        Write a broadcast frame (bytes shared by every member).
-        """
-        self.write(frame, now)
-
-    def chatUser(self) -> ChatUser:
-        if not isinstance(self.account, ChatUser):
-            raise RequestError("not_authenticated", "log in or resume a session first")
-        return self.account
-
-    async def request_join(self, message: Message) -> Message:
-        user = self.chatUser()
-        service = self.factory.service
-        name = validRoom(message["room"])
-        if name not in self.joined and len(self.joined) >= MAX_ROOMS_PER_CONNECTION:
-            raise RequestError(
-                "too_many_rooms",
-                f"a connection may be in at most {MAX_ROOMS_PER_CONNECTION} rooms",
-            )
-        room = await service.room(name)
-        if self.account is not user:
-            raise RequestError("not_authenticated", "logged out meanwhile")
-        room = service.join(room, user, self)
-        lastSeq = room.lastSeq
-        rows = await self.factory.store.recentHistory(room.name, HISTORY_ON_JOIN)
-        members, moreMembers = _listed(sorted(room.members))
-        budget = self.MAX_LENGTH - REPLY_SLACK - sum(len(m) + 3 for m in members)
-        history, moreHistory = _fitting(room.name, rows, budget, newest=True)
-        reply: Message = {
-            "type": "joined",
-            "room": room.name,
-            "members": members,
-            "history": history,
-            "last_seq": lastSeq,
-        }
-        if moreMembers:
-            reply["more_members"] = True
-        if moreHistory:
-            reply["more"] = True
-        return reply
-
-    def request_leave(self, message: Message) -> Message:
-        user = self.chatUser()
-        name = validRoom(message["room"])
-        room = self.factory.service.rooms.get(name)
-        if room is not None:
-            self.factory.service.leave(room, user, self)
-        return {"type": "left", "room": name}
-
-    async def request_say(self, message: Message) -> None:
-        user = self.chatUser()
-        name = validRoom(message["room"])
-        text = validText(message["text"])
-        if name not in self.joined:
-            raise RequestError(
-                "not_in_room", f"join {name} before saying anything there"
-            )
-        service = self.factory.service
-        await service.post(service.rooms[name], user.username, text)
-        return None
-
-    def request_msg(self, message: Message) -> Message:
-        user = self.chatUser()
-        text = validText(message["text"])
-        try:
-            to = canonicalUsername(message["to"])
-        except RequestError:
-            to = ""
-        target = self.factory.service.users.get(to)
-        if target is None or not target.minds:
-            raise RequestError("no_such_user", "no such user is online")
-        # However many senders there are, one user receives private
-        # messages no faster than a few members' worth of messages.
-        wait = self.factory.inbox.take(to)
-        if wait:
-            raise self.rateLimited(wait, f"private messages to {to}")
-        frame = encodeFrame(
-            encodeMessage(
-                {
-                    "type": "private",
-                    "from": user.username,
-                    "text": text,
-                    "ts": rfc3339(self.factory.now()),
-                }
-            )
-        )
-        now = self.factory.now()
-        minds = list(target.minds)
-        for mind in minds:
-            mind.deliver(frame, now)
-        stats = self.factory.stats
-        stats.deliveries["private"] += len(minds)
-        stats.framesSent += len(minds)
-        if self.factory.logBudget.admit("private_sent"):
-            self.log.info(
-                "{user} sent a private message to {to}",
-                event="private_sent",
-                user=user.username,
-                to=to,
-            )
-        return {"type": "sent", "to": to}
-
-    async def request_history(self, message: Message) -> Message:
-        self.chatUser()
-        name = validRoom(message["room"])
-        limit = message.get("limit", 100)
-        newest = "after" not in message
-        if newest:  # (netlab) no "after": the latest `limit` messages
-            rows = await self.factory.store.recentHistory(name, limit)
-        else:
-            rows = await self.factory.store.history(name, message["after"], limit)
-        messages, more = _fitting(
-            name, rows, self.MAX_LENGTH - REPLY_SLACK, newest=newest
-        )
-        reply: Message = {"type": "history", "room": name, "messages": messages}
-        if more:
-            reply["more"] = True
-        return reply
-
-    def request_who(self, message: Message) -> Message:
-        self.chatUser()
-        name = validRoom(message["room"])
-        room = self.factory.service.rooms.get(name)
-        members, more = _listed(sorted(room.members) if room is not None else [])
-        reply: Message = {"type": "members", "room": name, "members": members}
-        if more:
-            reply["more"] = True
-        return reply
-
-    async def request_rooms(self, message: Message) -> Message:
-        self.chatUser()
-        names = set(await self.factory.store.roomsWithHistory(MAX_LISTED))
-        rooms = self.factory.service.rooms
-        names.update(name for name, room in rooms.items() if room.members)
-        listed, more = _listed(sorted(names))
-        reply: Message = {
-            "type": "rooms",
-            "rooms": [
-                {
-                    "room": name,
-                    "members": len(rooms[name].members) if name in rooms else 0,
-                }
-                for name in listed
-            ],
-        }
-        if more:
-            reply["more"] = True
-        return reply
-
-
-def _listed(names: list[str]) -> tuple[list[str], bool]:
-    """
-    At most L{MAX_LISTED} of C{names}, and whether some were left out.
-    """
-    return names[:MAX_LISTED], len(names) > MAX_LISTED
-
-
-def _fitting(
-    room: str, rows: list[tuple[int, str, str, str]], budget: int, newest: bool
-) -> tuple[list[Message], bool]:
-    """
-    The messages of C{rows} (oldest first) that fit in C{budget} bytes of
-    JSON, and whether some were left out: the newest ones when C{newest}
-    (what a join shows), else the oldest (what a catch-up reads next, then
-    asks again from the last C{seq}).
-    """
-    messages = [_message(room, row) for row in rows]
-    order = reversed(range(len(messages))) if newest else range(len(messages))
-    kept = 0
-    used = 0
-    for i in order:
-        used += len(encodeMessage(messages[i])) + 1
-        if used > budget:
-            break
-        kept += 1
-    if kept == len(messages):
-        return messages, False
-    if newest:
-        return messages[len(messages) - kept :], True
-    return messages[:kept], True
-
-
-def _message(room: str, row: tuple[int, str, str, str]) -> Message:
-    seq, sender, text, ts = row
-    return {
-        "type": "message",
-        "room": room,
-        "from": sender,
-        "text": text,
-        "ts": ts,
-        "seq": seq,
-    }
-
-
-class ChatFactory(AuthFactory):
-    """
-    The chat server: the auth factory plus the chat service and limits.
-    """
-
-    protocol = ChatProtocol
-
-    def __init__(
-        self,
-        store: Store,
-        hasher: Any,
-        *,
-        messageRate: float = DEFAULT_MESSAGE_RATE,
-        messageBurst: int = DEFAULT_MESSAGE_BURST,
-        **settings: Any,
-    ) -> None:
-        self.service = ChatService(store, settings.get("clock"))
-        super().__init__(store, hasher, **settings)
-        self.service.stats = self.stats
-        self.stats.enableChat()
-        messages = RequestLimit(messageRate, messageBurst, bucket="messages")
-        self.requestLimits["say"] = self.requestLimits["msg"] = messages
-        assert self.clock is not None
-        self.inbox = TokenBucket(
-            self.clock, burst=4 * messageBurst, rate=4 * messageRate
-        )
-
-    def makeRealm(self) -> Any:
-        return ChatRealm(self.service)
-
-
-class Options(auth.Options):
-    """
-    Options of C{twistd netlab-chat}.
-    """
-
-    synopsis = "[options]"
-    longdesc = (
-        "Chat rooms, private messages and a history that loses nothing, on "
-        "the accounts of netlab-auth.  Listens on 127.0.0.1:9093 by default."
-    )
-    defaultPort = DEFAULT_PORT
-    optParameters = [
-        [
-            "message-rate",
-            None,
-            DEFAULT_MESSAGE_RATE,
-            "Room and private messages per user per second (sustained).",
-            positiveFloat,
-        ],
-        [
-            "message-burst",
-            None,
-            DEFAULT_MESSAGE_BURST,
-            "Room and private messages per user in a burst.",
-            positiveInt,
-        ],
-    ]
-
-
-def makeService(config: Options, reactor: Any = None) -> IService:
-    """
-    The chat server described by C{config}: its services, not yet
-    started.  twistd calls it with the options alone, after installing its
-    reactor; tests pass their own.
-    """
-    if reactor is None:
-        from twisted.internet import reactor
-    store = Store(config["db"])
-    factory = ChatFactory(
-        store,
-        config.hasher(reactor),
-        messageRate=config["message-rate"],
-        messageBurst=config["message-burst"],
-        **config.authSettings(reactor),
-    )
-    return config.makeStoredService("netlab-chat", store, factory)
+        outgoing = Outgoing(message)
+        for client in room.connections():
+            if client is not exclude:
+                client.presence(room.name, outgoing)

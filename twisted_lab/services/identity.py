@@ -14,20 +14,20 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.internet import defer
 
+from twisted_lab.codecs import events
+from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import (
-    DEFAULT_MAX_LENGTH,
     Message,
     RequestError,
     Text,
     rfc3339,
 )
-from twisted_lab.runtime.server import StoredServerOptions
+from twisted_lab.ports import IIdentityStore, IRequestChannel
+from twisted_lab.services.context import ServerContext
+from twisted_lab.services.handler import RequestHandler
 from twisted_lab.services.limits import RequestLimit
-from twisted_lab.storage.sqlite import Store
-from twisted_lab.transports.connection import ServerFactory, canonicalAddress
-from twisted_lab.transports.int32 import MessageProtocol
 
 DEFAULT_PORT = 9091
 MAX_NAME_CHARS = 64
@@ -47,31 +47,31 @@ def validName(raw: str) -> str:
     """
     if len(raw) > MAX_NAME_CHARS * 4:
         raise RequestError(
-            "invalid_name", f"a name has at most {MAX_NAME_CHARS} characters"
+            ErrorCode.INVALID_NAME, f"a name has at most {MAX_NAME_CHARS} characters"
         )
     name = unicodedata.normalize("NFC", raw.strip())
     if not name:
-        raise RequestError("invalid_name", "the name is empty")
+        raise RequestError(ErrorCode.INVALID_NAME, "the name is empty")
     if len(name) > MAX_NAME_CHARS:
         raise RequestError(
-            "invalid_name", f"a name has at most {MAX_NAME_CHARS} characters"
+            ErrorCode.INVALID_NAME, f"a name has at most {MAX_NAME_CHARS} characters"
         )
     for char in name:
         if unicodedata.category(char) in FORBIDDEN_CATEGORIES:
             raise RequestError(
-                "invalid_name",
+                ErrorCode.INVALID_NAME,
                 "the name contains a control or invisible character "
                 f"(U+{ord(char):04X})",
             )
     return name
 
 
-class IdentityProtocol(MessageProtocol):
+class IdentityVisit(RequestHandler):
     """
-    One client of the identity service.
+    One connection to the identity service: greeted as it arrives, then
+    its requests.
     """
 
-    factory: IdentityFactory
     requests = {
         "name": {"name": Text(maxChars=4096)},
         "forget": {},
@@ -83,93 +83,76 @@ class IdentityProtocol(MessageProtocol):
         "forget": RequestLimit(rate=2.0, burst=10, perUser=False, bucket="store"),
         "ping": RequestLimit(rate=50.0, burst=500, perUser=False),
     }
-    address = ""
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.address = canonicalAddress(getattr(self.transport.getPeer(), "host", ""))
-        self.runExclusively(self._greet)
+    def __init__(
+        self, channel: IRequestChannel, context: ServerContext, store: IIdentityStore
+    ) -> None:
+        super().__init__(channel, context)
+        self.store = store
+        #: The key of the client's name: its address, IPv4-mapped IPv6
+        #: turned back into IPv4.
+        self.address = str(channel.address)
+
+    def greeting(self) -> Any:
+        return defer.ensureDeferred(self._greet())
 
     async def _greet(self) -> None:
-        known = await self.factory.store.visit(
-            self.address, rfc3339(self.factory.now())
-        )
+        known = await self.store.visit(self.address, rfc3339(self.context.now()))
         if known is None:
             self.log.info(
                 "{peer} is not known; asking its name",
-                event="identity_asked",
+                event=events.IDENTITY_ASKED,
                 peer=self.peer,
             )
-            self.sendMessage({"type": "ask_name"})
+            self.send({"type": "ask_name"})
         else:
             name, visits = known
             self.log.info(
                 "{peer} is {name} (visit {visits})",
-                event="identity_known",
+                event=events.IDENTITY_KNOWN,
                 peer=self.peer,
                 name=name,
                 visits=visits,
             )
-            self.sendMessage({"type": "welcome", "name": name, "visits": visits})
+            self.send({"type": "welcome", "name": name, "visits": visits})
 
     async def request_name(self, message: Message) -> Message:
         name = validName(message["name"])
-        visits = await self.factory.store.nameAddress(
-            self.address, name, rfc3339(self.factory.now())
+        visits = await self.store.nameAddress(
+            self.address, name, rfc3339(self.context.now())
         )
         self.log.info(
             "{peer} is now called {name}",
-            event="identity_stored",
+            event=events.IDENTITY_STORED,
             peer=self.peer,
             name=name,
         )
         return {"type": "welcome", "name": name, "visits": visits}
 
     async def request_forget(self, message: Message) -> Message:
-        await self.factory.store.forgetAddress(self.address)
-        self.log.info("{peer} forgotten", event="identity_forgotten", peer=self.peer)
+        await self.store.forgetAddress(self.address)
+        self.log.info(
+            "{peer} forgotten", event=events.IDENTITY_FORGOTTEN, peer=self.peer
+        )
         return {"type": "forgotten"}
 
     def request_ping(self, message: Message) -> Message:
         return {"type": "pong"}
 
 
-class IdentityFactory(ServerFactory):
+class IdentityService:
     """
-    Makes L{IdentityProtocol} connections sharing one L{Store}.
+    The identity service: names kept per client address in an
+    L{IIdentityStore}.
     """
 
-    protocol = IdentityProtocol
-
-    def __init__(self, store: Store, **settings: Any) -> None:
-        settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
-        super().__init__(**settings)
+    def __init__(self, store: IIdentityStore, context: ServerContext) -> None:
         self.store = store
-        self.stats.enableStore(store)
+        self.context = context
+        context.requestLimits.update(IdentityVisit.limits)
+        if context.stats is not None:
+            context.stats.enableRequests()
+            context.stats.enableStore(store)
 
-
-class Options(StoredServerOptions):
-    """
-    Options of C{twistd netlab-identity}.
-    """
-
-    synopsis = "[options]"
-    longdesc = (
-        "Recognise clients by IP address: ask a new one its name, greet a "
-        "known one by name.  Listens on 127.0.0.1:9091 by default."
-    )
-    defaultPort = DEFAULT_PORT
-    defaultMaxLength = DEFAULT_MAX_LENGTH
-
-
-def makeService(config: Options, reactor: Any = None) -> IService:
-    """
-    The identity server described by C{config}: its services, not yet
-    started.  twistd calls it with the options alone, after installing its
-    reactor; tests pass their own.
-    """
-    if reactor is None:
-        from twisted.internet import reactor
-    store = Store(config["db"])
-    factory = IdentityFactory(store, **config.factorySettings(reactor))
-    return config.makeStoredService("netlab-identity", store, factory)
+    def handlerFor(self, channel: IRequestChannel) -> IdentityVisit:
+        return IdentityVisit(channel, self.context, self.store)

@@ -28,14 +28,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_lab.codecs import events
+from twisted_lab.codecs.errors import ErrorCode
 
 POLL_SECONDS = 0.5
 #: Seconds by which the clocks of servers sharing a store may disagree.
 CLOCK_MARGIN = 5.0
 
 #: Why a session ended, as the error code its holders receive.
-REVOKED = "session_revoked"
-EXPIRED = "session_expired"
+REVOKED = ErrorCode.SESSION_REVOKED
+EXPIRED = ErrorCode.SESSION_EXPIRED
 
 _REASONS = {
     "logged_out": "the session was logged out",

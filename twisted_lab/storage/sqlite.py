@@ -24,15 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.application.service import Service
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_lab.ports import IStore
-from twisted_lab.runtime.startup import StartupFailed
 
 DEFAULT_PATH = "netlab.sqlite3"
 
@@ -448,55 +445,6 @@ class Store:
         return self.transaction(
             lambda cursor: cursor.execute("PRAGMA integrity_check").fetchone()[0]
         )
-
-
-class StoreService(Service):
-    """
-    Opens the store when the application starts and closes it when it
-    stops.  Put it before the servers that use it in an
-    L{twisted_lab.transports.connection.OrderedServices}, so it closes after them.
-
-    A store that cannot be opened (a newer schema, an unreadable file) is
-    logged and fails the start (L{StartupFailed}: twistd exits non-zero,
-    in daemon mode too): serving without a store would answer every
-    request with an error.
-    """
-
-    log = Logger()
-
-    def __init__(self, store: Store, reactor: Any) -> None:
-        self.store = store
-        self._reactor = reactor
-        self.opened: defer.Deferred[Store] | None = None
-
-    def startService(self) -> None:
-        try:
-            self.store.prepare()
-        except (OSError, sqlite3.Error, RuntimeError) as e:
-            self.log.critical(
-                "cannot open the database {path}: {reason}",
-                event="store_failed",
-                path=self.store.path,
-                reason=str(e),
-            )
-            # The reason first: twistd's daemon mode passes on 100 bytes.
-            raise StartupFailed(f"{e} (database {self.store.path})") from None
-        Service.startService(self)
-        self.opened = defer.ensureDeferred(self.store.open())
-        self.opened.addErrback(self._cannotOpen)
-
-    def _cannotOpen(self, failure: Failure) -> None:
-        self.log.critical(
-            "cannot open the database {path}: {reason}",
-            event="store_failed",
-            path=self.store.path,
-            reason=failure.getErrorMessage(),
-        )
-        self._reactor.callWhenRunning(self._reactor.stop)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        self.store.close()
 
 
 def _inTransaction(

@@ -31,13 +31,14 @@ from zope.interface import implementer
 
 from twisted_lab.codecs import events
 from twisted_lab.codecs.framing import HEADER, HEADER_SIZE, MAX_FRAME, FrameReceiver
-from twisted_lab.runtime import eventlog
-from twisted_lab.runtime.eventlog import DataEventMeter, LogBudget
-from twisted_lab.runtime.metrics import (
+from twisted_lab.observe import eventlog
+from twisted_lab.observe.eventlog import DataEventMeter
+from twisted_lab.observe.metrics import (
     REFUSED_MAX_CONNECTIONS,
     REFUSED_MAX_PER_ADDRESS,
     ServerStats,
 )
+from twisted_lab.services.context import LogBudget, ServerContext
 from twisted_lab.services.limits import RequestLimit, TokenBucket
 
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -102,7 +103,6 @@ class ServerFactory(Factory["ServedConnection"]):
     it is left as L{None}, L{NetlabService} fills in the reactor at start.
     """
 
-    log = Logger()
     noisy = False  # our own events say when the server starts and stops
 
     def __init__(
@@ -120,7 +120,17 @@ class ServerFactory(Factory["ServedConnection"]):
         maxConnectionsPerAddress: int | None = DEFAULT_MAX_PER_ADDRESS,
         dataEventsPerSecond: int | None = eventlog.DEFAULT_DATA_EVENTS_PER_SECOND,
         clock: IReactorTime | None = None,
+        context: ServerContext | None = None,
     ) -> None:
+        #: What the services and the dispatcher share with the connections:
+        #: the clock, the log, the request limits, the counters.
+        if context is None:
+            context = ServerContext(clock, Logger(), ServerStats(), maxLength)
+        elif clock is not None:
+            context.clock = clock
+        if context.stats is None:
+            context.stats = ServerStats()
+        self.context = context
         self.maxLength = maxLength
         self.idleTimeout = idleTimeout
         self.headerTimeout = headerTimeout
@@ -137,59 +147,66 @@ class ServerFactory(Factory["ServedConnection"]):
         self.maxConnections = maxConnections
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
         self.dataEventsPerSecond = dataEventsPerSecond
-        self.clock: IReactorTime | None = clock
         self.connections: set[ServedConnection] = set()
         self.perAddress: dict[str, int] = {}
-        self._buckets: dict[str, TokenBucket] = {}
-        #: The rate of each request kind: the protocol's defaults, which a
-        #: service may change from its options.
-        self.requestLimits: dict[str, RequestLimit] = dict(
-            getattr(self.protocol, "limits", {})
-        )
-        self._logBudget: LogBudget | None = None
         self._allGone: list[defer.Deferred[None]] = []
         self._sweeper: IDelayedCall | None = None
         self._nextSweep = 0.0
-        #: What the server counts for --metrics (see twisted_lab.runtime.metrics).
-        self.stats = ServerStats()
+        #: What the server counts for --metrics (see twisted_lab.observe.metrics).
         self.stats.factory = self
-        if hasattr(self.protocol, "requests"):
-            self.stats.enableRequests()
+
+    # The context's clock, log, limits and counters, under the names the
+    # connections (and tests) use.
+
+    @property
+    def clock(self) -> IReactorTime | None:
+        return self.context.clock
+
+    @clock.setter
+    def clock(self, clock: IReactorTime | None) -> None:
+        self.context.clock = clock
+
+    @property
+    def log(self) -> Logger:
+        return self.context.log
+
+    @log.setter
+    def log(self, log: Logger) -> None:
+        self.context.log = log
+
+    @property
+    def stats(self) -> ServerStats:
+        stats: ServerStats = self.context.stats
+        return stats
+
+    @property
+    def maxLength(self) -> int:
+        return self.context.maxLength
+
+    @maxLength.setter
+    def maxLength(self, maxLength: int) -> None:
+        self.context.maxLength = maxLength
+
+    @property
+    def requestLimits(self) -> dict[str, RequestLimit]:
+        return self.context.requestLimits
+
+    @requestLimits.setter
+    def requestLimits(self, limits: dict[str, RequestLimit]) -> None:
+        self.context.requestLimits = limits
 
     def now(self) -> float:
         """
-        The current time on the factory's clock.
+        The current time on the server's clock.
         """
-        assert self.clock is not None, "the clock is set when the service starts"
-        return self.clock.seconds()
+        return self.context.now()
 
     def requestBuckets(self, kind: str) -> tuple[RequestLimit, TokenBucket] | None:
-        """
-        The limit of requests of C{kind} and their buckets (one per user or
-        connection); L{None} for a kind with no limit.
-        """
-        limit = self.requestLimits.get(kind)
-        if limit is None:
-            return None
-        name = limit.bucket or kind
-        buckets = self._buckets.get(name)
-        if buckets is None:
-            assert self.clock is not None
-            buckets = self._buckets[name] = TokenBucket(
-                self.clock, burst=limit.burst, rate=limit.rate
-            )
-        return limit, buckets
+        return self.context.requestBuckets(kind)
 
     @property
     def logBudget(self) -> LogBudget:
-        """
-        How many events of each kind this server logs one by one before it
-        folds the rest into a summary.
-        """
-        if self._logBudget is None:
-            assert self.clock is not None
-            self._logBudget = LogBudget(self.log, self.clock)
-        return self._logBudget
+        return self.context.logBudget
 
     def admit(self, connection: ServedConnection, group: str) -> str | None:
         """
@@ -223,8 +240,8 @@ class ServerFactory(Factory["ServedConnection"]):
             self.perAddress.pop(group, None)
         if not self.connections:
             self._stopSweeping()
-            if self._logBudget is not None:
-                self._logBudget.flush()
+            if self.context.hasLogBudget():
+                self.logBudget.flush()
             waiters, self._allGone = self._allGone, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -268,8 +285,8 @@ class ServerFactory(Factory["ServedConnection"]):
         now = self.now()
         for connection in list(self.connections):
             connection.checkDeadlines(now)
-        if self._logBudget is not None:
-            self._logBudget.tick()
+        if self.context.hasLogBudget():
+            self.logBudget.tick()
         if self.connections:
             self._startSweeping(after=self._nextSweep)
 
@@ -388,6 +405,7 @@ class ServedConnection(Protocol):
     factory: ServerFactory
     transport: Any  # a connected transport; see FrameReceiver.transport
     peer = "?"
+    address = ""
     group = ""
     meter: DataEventMeter
     output: OutputAccount
@@ -416,6 +434,7 @@ class ServedConnection(Protocol):
         assert clock is not None, "factory.clock is set when the service starts"
         address = self.transport.getPeer()
         self.peer = describePeer(address)
+        self.address = canonicalAddress(getattr(address, "host", ""))
         self.group = addressGroup(getattr(address, "host", self.peer))
         # Twisted already gathers each reactor turn's writes into one send;
         # Nagle's algorithm would only hold replies back behind the peer's

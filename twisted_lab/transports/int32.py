@@ -1,225 +1,68 @@
 """
-The JSON request dispatcher of the identity, auth and chat services, on
-Int32 frames (C{docs/protocol.md} section 3).
+The Int32 transport of the JSON services: each frame's payload is one JSON
+message (C{docs/protocol.md} sections 2 and 3), over TCP, TLS or a unix
+socket.
 
-L{MessageProtocol} decodes each frame with L{twisted_lab.codecs.message}, dispatches
-it to a C{request_<type>} method that may return a Deferred, and writes the
-replies in request order: every malformed frame is answered by an C{error}
-on a connection that stays usable, consecutive errors are bounded, each
-request kind has a rate, and the queue waits for the connection's output.
+A thin adapter: L{MessageProtocol} is a L{FramedServerProtocol} (caps,
+deadlines, one bounded output account) that hands each frame to the
+service's L{RequestDispatcher} and encodes what the service sends, once
+per L{Outgoing} however many connections it goes to.  Everything about
+requests (validation, order, rates, errors) is the dispatcher's; everything
+about accounts and rooms is the service's.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from twisted_lab.codecs import events
-from twisted_lab.codecs.framing import FrameReceiver, encodeFrame
-from twisted_lab.codecs.message import (
-    Message,
-    RequestError,
-    Schema,
-    decodeRequest,
-    encodeMessage,
-    validate,
-)
-from twisted_lab.runtime.metrics import INVALID_REQUEST
-from twisted_lab.services.limits import RequestLimit
-from twisted_lab.transports.connection import FramedServerProtocol
+from twisted_lab.codecs.errors import ErrorCode
+from twisted_lab.codecs.framing import HEADER, MAX_FRAME, FrameReceiver, encodeFrame
+from twisted_lab.codecs.message import Message, Outgoing
+from twisted_lab.dispatch import QUEUE_FULL, RequestDispatcher
+from twisted_lab.ports import IRequestChannel
+from twisted_lab.services.context import ServerContext
+from twisted_lab.services.handler import RequestHandler
+from twisted_lab.transports.connection import FramedServerProtocol, ServerFactory
 
-#: Consecutive malformed requests after which the server gives up.
-MAX_CONSECUTIVE_ERRORS = 20
-#: Requests queued behind a slow one before the server stops reading.
-MAX_QUEUED_REQUESTS = 64
+#: The name of the Int32 wire format in L{Outgoing.form}.
+INT32 = "int32"
 
-
-# -- the protocol -------------------------------------------------------------
-
-
-QUEUE_FULL = "request queue full"
 _serials = itertools.count(1)
 
 
-@dataclass(frozen=True)
-class _CloseWith:
+def int32Frames(payloads: tuple[bytes, ...]) -> bytes:
     """
-    Queued behind the requests that arrived first: say C{code} (if any)
-    and close once they have been answered.
+    JSON payloads as consecutive Int32 frames, in one string: one write per
+    connection however many messages a batch holds.
     """
-
-    code: str | None = None
-    message: str = ""
+    return b"".join(encodeFrame(payload) for payload in payloads)
 
 
-@dataclass(frozen=True)
-class _Work:
-    """
-    Queued: run C{work} (greetings that need the store) in its turn.
-    """
-
-    work: Callable[[], Any]
-
-
+@implementer(IRequestChannel)
 class MessageProtocol(FramedServerProtocol):
     """
-    A connection speaking JSON requests and replies.
-
-    Subclasses list their requests in C{requests} (type -> schema) and their
-    rates in C{limits} (type -> L{RequestLimit}), and handle each request in
-    a method C{request_<type>(message)} returning the reply (a dict),
-    L{None} for no reply, or a Deferred of either; raising (or failing with)
-    L{RequestError} replies with that error.
-
-    Requests are handled one at a time, in order, so their effects and
-    replies happen in the order they were sent.  The queue is drained by a
-    loop, never by recursion, however many requests are pipelined; it
-    waits while the connection's output is backed up (so a client that
-    does not read cannot make the server build replies without bound) and
-    reading stops while it is long.  An oversized frame or the end of the
-    input is queued too, so everything before it is answered first.
+    A connection speaking JSON requests and replies in Int32 frames: the
+    channel of one service handler.
     """
 
-    requests: ClassVar[dict[str, Schema]] = {}
-    limits: ClassVar[dict[str, RequestLimit]] = {}
-
-    _errorsInARow = 0
+    factory: MessageFactory
+    handler: RequestHandler
+    dispatcher: RequestDispatcher | None = None
     _serial = 0
-    _busy = False
-    _draining = False
     _resuming = False
-    _queue: deque[bytes | _CloseWith | _Work] | None = None
 
-    def stringReceived(self, frame: bytes) -> None:
-        self.factory.stats.framesReceived += 1
-        self._enqueue(frame)
-
-    def runExclusively(self, work: Callable[[], Any]) -> None:
-        """
-        Run C{work} (which may return a Deferred) before any request that
-        arrives after this call: used for greetings that need the store.
-        """
-        self._enqueue(_Work(work))
-
-    def _enqueue(self, item: bytes | _CloseWith | _Work) -> None:
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = deque()
-        queue.append(item)
-        if len(queue) >= MAX_QUEUED_REQUESTS:
-            # Stop reading, and hold the rest of this read as bytes (not as
-            # queued frames): the queue stays bounded whatever a read holds.
-            self.paused = True
-            self.pauseReading(QUEUE_FULL)
-        self._drain()
-
-    def _drain(self) -> None:
-        """
-        Handle queued requests until one has to wait (for the store, a
-        hash, or the connection's output), then return; whatever it waits
-        for calls this again.
-        """
-        if self._draining:
+    def connectionMade(self) -> None:
+        FramedServerProtocol.connectionMade(self)
+        if not self.admitted:
             return
-        self._draining = True
-        queue = self._queue
-        try:
-            while (
-                queue
-                and not self._busy
-                and not self.outputCongested
-                and not self.transport.disconnecting
-            ):
-                d = self._start(queue.popleft())
-                if d is not None:
-                    self._busy = True
-                    d.addBoth(self._finished)
-        finally:
-            self._draining = False
-        if (
-            self.paused
-            and queue is not None
-            and len(queue) < MAX_QUEUED_REQUESTS // 2
-            and not self._resuming
-        ):
-            # Deliver the frames held back, then read again.  (Delivering
-            # may fill the queue and pause once more; this loop is not
-            # re-entered meanwhile.)
-            self._resuming = True
-            try:
-                self.paused = False
-                FrameReceiver.dataReceived(self, b"")
-            finally:
-                self._resuming = False
-            if not self.paused:
-                self.resumeReading(QUEUE_FULL)
-
-    def _finished(self, _: object) -> None:
-        self._busy = False
-        self._drain()
-
-    def outputDrained(self) -> None:
-        FramedServerProtocol.outputDrained(self)
-        self._drain()
-
-    def _start(self, item: bytes | _CloseWith | _Work) -> defer.Deferred[Any] | None:
-        """
-        Start one queued item; a Deferred if it has work in flight.
-        """
-        if isinstance(item, bytes):
-            return self._handle(item)
-        if isinstance(item, _Work):
-            d = defer.maybeDeferred(item.work)
-            d.addErrback(self._internalError, None)
-            return d
-        if item.code is not None:
-            self.sendMessage(
-                {"type": "error", "code": item.code, "message": item.message}
-            )
-        self.closeAfterFlush()
-        return None
-
-    def _handle(self, frame: bytes) -> defer.Deferred[Any] | None:
-        requestId: Any = None
-        kind: Any = None
-        try:
-            message = decodeRequest(frame)
-            requestId = message.get("id")
-            kind = message["type"]
-            schema = self.requests.get(kind)
-            if schema is None:
-                raise RequestError(
-                    "unknown_type", f"unknown request type {kind[:64]!r}"
-                )
-            validate(message, schema)
-            self._errorsInARow = 0
-            self.checkRate(kind)
-        except RequestError as e:
-            self.factory.stats.countRequest(
-                kind if kind in self.requests else INVALID_REQUEST, e.code
-            )
-            self._replyError(e, e.requestId if requestId is None else requestId)
-            return None
-        handler = getattr(self, "request_" + kind)
-        started = time.perf_counter()
-        d = defer.maybeDeferred(handler, message)
-        d.addBoth(self.factory.stats.requestFinished, kind, started)
-        d.addCallbacks(
-            self._replied,
-            self._failed,
-            callbackArgs=(requestId,),
-            errbackArgs=(requestId,),
-        )
-        return d
+        self.handler = self.factory.service.handlerFor(self)
+        self.dispatcher = RequestDispatcher(self, self.handler, self.factory.context)
 
     @property
     def serial(self) -> int:
@@ -231,95 +74,84 @@ class MessageProtocol(FramedServerProtocol):
             self._serial = next(_serials)
         return self._serial
 
-    def rateKey(self) -> str | None:
-        """
-        Whose bucket per-user limits draw from: the logged-in user (shared
-        by all of their connections), or L{None} for this connection.
-        """
-        return None
+    @property
+    def closing(self) -> bool:
+        return bool(self.lost or self.transport.disconnecting)
 
-    def checkRate(self, kind: str) -> None:
-        """
-        Take one request of C{kind} from its bucket, or fail with
-        C{rate_limited} and how long to wait.
-        """
-        found = self.factory.requestBuckets(kind)
-        if found is None:
+    # -- from the peer ---------------------------------------------------------------
+
+    def stringReceived(self, frame: bytes) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.requestReceived(frame)
+
+    def pauseReading(self, reason: str) -> None:
+        if reason == QUEUE_FULL:
+            # Hold the rest of this read as bytes (not as queued frames):
+            # the queue stays bounded whatever one read holds.
+            self.paused = True
+        FramedServerProtocol.pauseReading(self, reason)
+
+    def resumeReading(self, reason: str) -> None:
+        if reason != QUEUE_FULL:
+            FramedServerProtocol.resumeReading(self, reason)
             return
-        limit, buckets = found
-        user = self.rateKey() if limit.perUser else None
-        key = f"u:{user}" if user is not None else f"c:{self.serial}"
-        wait = buckets.take(key)
-        if wait:
-            raise self.rateLimited(wait, kind)
+        if not self.paused or self._resuming:
+            return
+        # Deliver the frames held back first, then read again.  (Delivering
+        # may fill the queue and pause once more.)
+        self._resuming = True
+        try:
+            self.paused = False
+            FrameReceiver.dataReceived(self, b"")
+        finally:
+            self._resuming = False
+        if not self.paused:
+            FramedServerProtocol.resumeReading(self, reason)
 
-    def rateLimited(self, seconds: float, what: str) -> RequestError:
-        """
-        The C{rate_limited} error for C{what}, logged (within the log
-        budget: a flood of them folds into one summary).
-        """
-        retry = max(1, math.ceil(seconds))
-        self.factory.stats.rateLimited += 1
-        if self.factory.logBudget.admit(events.RATE_LIMITED):
-            self.log.info(
-                "{peer}: {what} rate limited for {retry_after} s",
-                event=events.RATE_LIMITED,
-                peer=self.peer,
-                what=what,
-                retry_after=retry,
-            )
-        return RequestError(
-            "rate_limited",
-            f"too many {what} requests; try again in {retry} s",
-            retry_after=retry,
-        )
+    def outputDrained(self) -> None:
+        FramedServerProtocol.outputDrained(self)
+        if self.dispatcher is not None:
+            self.dispatcher.outputDrained()
 
-    def _replied(self, reply: Message | None, requestId: Any) -> None:
-        if reply is not None:
-            self.sendMessage(reply, requestId)
-
-    def _failed(self, failure: Failure, requestId: Any) -> None:
-        if isinstance(failure.value, RequestError):
-            self._replyError(failure.value, requestId)
+    def frameTooLong(self, length: int) -> None:
+        # Answer what came before the oversized header first, then say so;
+        # the grace period runs from now, whatever the queue waits for.
+        self.startCloseTimer()
+        message = f"a {length}-byte frame is over the {self.MAX_LENGTH}-byte limit"
+        if self.dispatcher is None:
+            self.closeWithError(ErrorCode.FRAME_TOO_LONG, message)
         else:
-            self._internalError(failure, requestId)
+            self.dispatcher.closeWith(ErrorCode.FRAME_TOO_LONG, message)
 
-    def _internalError(self, failure: Failure, requestId: Any) -> None:
-        """
-        A bug or an outage: the client hears C{internal_error}; the log
-        gets the traceback, within the log budget (a request that fails the
-        same way thousands of times writes a few tracebacks and a count).
-        """
-        if self.factory.logBudget.admit(events.INTERNAL_ERROR):
-            self.log.failure(
-                "request from {peer} failed",
-                failure,
-                event=events.INTERNAL_ERROR,
-                peer=self.peer,
-            )
-        self.sendMessage(
-            RequestError("internal_error", "the server failed to handle that").reply(),
-            requestId,
-        )
+    def endOfInput(self) -> None:
+        if self.dispatcher is None:
+            self.closeAfterFlush()
+        else:
+            self.dispatcher.endOfInput()
 
-    def _replyError(self, error: RequestError, requestId: Any) -> None:
-        self.sendMessage(error.reply(), requestId)
-        if error.code == "bad_request" or error.code == "unknown_type":
-            self._errorsInARow += 1
-            if self._errorsInARow >= MAX_CONSECUTIVE_ERRORS:
-                self.closeWithError(
-                    "bad_request",
-                    f"{MAX_CONSECUTIVE_ERRORS} malformed requests in a row; closing",
-                )
+    # -- to the peer -----------------------------------------------------------------
 
-    def sendMessage(self, message: Message, requestId: Any = None) -> None:
+    def send(self, outgoing: Outgoing) -> None:
         """
-        Send one message; C{requestId} (if any) is copied into it.
+        Write C{outgoing} as Int32 frames, encoded once for every
+        connection it goes to.
         """
-        if requestId is not None:
-            message = {**message, "id": requestId}
-        if not self.transport.disconnecting:
-            self.sendString(encodeMessage(message))
+        if self.closing:
+            return
+        self.factory.stats.framesSent += len(outgoing)
+        self.write(outgoing.form(INT32, int32Frames))
+
+    def sendMessage(self, message: Message) -> None:
+        """
+        Send one message of the server's own (an error before closing).
+        """
+        self.send(Outgoing(message))
+
+    def sendString(self, string: bytes) -> None:
+        if len(string) > MAX_FRAME:
+            FramedServerProtocol.sendString(self, string)  # raises
+        self.factory.stats.framesSent += 1
+        self.writeSequence((HEADER.pack(len(string)), string))
 
     def closeWithError(self, code: str, message: str) -> None:
         """
@@ -329,26 +161,12 @@ class MessageProtocol(FramedServerProtocol):
         self.sendMessage({"type": "error", "code": code, "message": message})
         self.closeAfterFlush()
 
-    def frameTooLong(self, length: int) -> None:
-        # Answer what came before the oversized header first, then say so;
-        # the grace period runs from now, whatever the queue waits for.
-        self.startCloseTimer()
-        self._enqueue(
-            _CloseWith(
-                "frame_too_long",
-                f"a {length}-byte frame is over the {self.MAX_LENGTH}-byte limit",
-            )
-        )
-
-    def endOfInput(self) -> None:
-        self._enqueue(_CloseWith())
-
     def refuse(self, reason: str) -> None:
-        self.closeWithError("too_many_connections", reason)
+        self.closeWithError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
 
     def frameTimedOut(self) -> None:
         self.closeWithError(
-            "frame_timeout", "a frame stayed incomplete too long; closing"
+            ErrorCode.FRAME_TIMEOUT, "a frame stayed incomplete too long; closing"
         )
 
     def slowConsumer(self) -> None:
@@ -356,13 +174,13 @@ class MessageProtocol(FramedServerProtocol):
             # Most likely never read; said for a peer that reads again at last.
             self.transport.write(
                 encodeFrame(
-                    encodeMessage(
+                    Outgoing(
                         {
                             "type": "error",
-                            "code": "slow_consumer",
+                            "code": ErrorCode.SLOW_CONSUMER,
                             "message": "you are not reading fast enough; disconnecting",
                         }
-                    )
+                    ).json()[0]
                 )
             )
         FramedServerProtocol.slowConsumer(self)
@@ -371,7 +189,7 @@ class MessageProtocol(FramedServerProtocol):
         self.sendMessage(
             {
                 "type": "error",
-                "code": "idle_timeout",
+                "code": ErrorCode.IDLE_TIMEOUT,
                 "message": "closing an idle connection",
             }
         )
@@ -380,11 +198,29 @@ class MessageProtocol(FramedServerProtocol):
         self.sendMessage(
             {
                 "type": "error",
-                "code": "server_shutdown",
+                "code": ErrorCode.SERVER_SHUTDOWN,
                 "message": "the server is shutting down",
             }
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._queue = None
+        dispatcher, self.dispatcher = self.dispatcher, None
+        if dispatcher is not None:
+            dispatcher.connectionLost()
         FramedServerProtocol.connectionLost(self, reason)
+
+
+class MessageFactory(ServerFactory):
+    """
+    An Int32 server of one JSON service.  C{makeService(context)} builds
+    the service on the server's context; its C{handlerFor(channel)} makes
+    each connection's request handler.
+    """
+
+    protocol = MessageProtocol
+
+    def __init__(
+        self, makeService: Callable[[ServerContext], Any], **settings: Any
+    ) -> None:
+        super().__init__(**settings)
+        self.service = makeService(self.context)

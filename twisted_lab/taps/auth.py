@@ -1,0 +1,134 @@
+"""
+C{twistd netlab-auth}: the auth service on the Int32 transport, its
+options, and the wiring that makes the running server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python.usage import UsageError
+
+from twisted_lab.codecs.message import DEFAULT_MAX_LENGTH
+from twisted_lab.runtime.server import (
+    StoredServerOptions,
+    nonNegativeFloat,
+    positiveInt,
+)
+from twisted_lab.services.accounts import (
+    DEFAULT_MEMORY_KIB,
+    DEFAULT_PARALLELISM,
+    DEFAULT_TIME_COST,
+    PasswordHasher,
+)
+from twisted_lab.services.auth import (
+    DEFAULT_PORT,
+    DEFAULT_REGISTRATIONS_PER_HOUR,
+    DEFAULT_SESSION_IDLE,
+    DEFAULT_SESSION_MAX,
+    AuthService,
+)
+from twisted_lab.storage.sqlite import Store
+from twisted_lab.transports.int32 import MessageFactory
+
+
+class AuthFactory(MessageFactory):
+    """
+    An Int32 server of the auth service on C{store}.  The settings named
+    in C{serviceSettings} are the service's; the rest are the server's.
+    """
+
+    serviceClass: type[AuthService] = AuthService
+    serviceSettings: tuple[str, ...] = (
+        "sessionIdle",
+        "sessionMax",
+        "registrationsPerHour",
+    )
+
+    def __init__(self, store: Any, hasher: PasswordHasher, **settings: Any) -> None:
+        ofService = {
+            key: settings.pop(key) for key in self.serviceSettings if key in settings
+        }
+        settings.setdefault("maxLength", DEFAULT_MAX_LENGTH)
+        self.store = store
+        super().__init__(
+            lambda context: self.serviceClass(store, hasher, context, **ofService),
+            **settings,
+        )
+
+
+class Options(StoredServerOptions):
+    """
+    Options of C{twistd netlab-auth}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Accounts and sessions: register, login, resume, whoami, logout, "
+        "change_password.  Listens on 127.0.0.1:9092 by default."
+    )
+    defaultPort = DEFAULT_PORT
+    defaultMaxLength = DEFAULT_MAX_LENGTH
+    optParameters = [
+        ["hash-memory-kib", None, DEFAULT_MEMORY_KIB, "argon2id memory cost.", int],
+        ["hash-time-cost", None, DEFAULT_TIME_COST, "argon2id iterations.", int],
+        ["hash-parallelism", None, DEFAULT_PARALLELISM, "argon2id lanes.", int],
+        [
+            "session-idle",
+            None,
+            DEFAULT_SESSION_IDLE,
+            "Seconds a session lives unused.",
+            nonNegativeFloat,
+        ],
+        [
+            "session-max",
+            None,
+            DEFAULT_SESSION_MAX,
+            "Seconds a session lives at most.",
+            nonNegativeFloat,
+        ],
+        [
+            "registrations-per-hour",
+            None,
+            DEFAULT_REGISTRATIONS_PER_HOUR,
+            "Registrations allowed per client address per hour.",
+            positiveInt,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["hash-memory-kib"] < 8 * self["hash-parallelism"]:
+            raise UsageError("--hash-memory-kib must be at least 8 per lane")
+        if self["hash-time-cost"] < 1 or self["hash-parallelism"] < 1:
+            raise UsageError("--hash-time-cost and --hash-parallelism must be >= 1")
+        super().postOptions()
+
+    def hasher(self, reactor: Any) -> PasswordHasher:
+        return PasswordHasher(
+            self["hash-memory-kib"],
+            self["hash-time-cost"],
+            self["hash-parallelism"],
+            reactor=reactor,
+        )
+
+    def authSettings(self, reactor: Any) -> dict[str, Any]:
+        return {
+            "sessionIdle": self["session-idle"],
+            "sessionMax": self["session-max"],
+            "registrationsPerHour": self["registrations-per-hour"],
+            **self.factorySettings(reactor),
+        }
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """
+    The auth server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    store = Store(config["db"])
+    factory = AuthFactory(store, config.hasher(reactor), **config.authSettings(reactor))
+    return config.makeStoredService("netlab-auth", store, factory)

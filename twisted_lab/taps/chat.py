@@ -1,0 +1,85 @@
+"""
+C{twistd netlab-chat}: the chat service (on the auth service) on the Int32
+transport, its options, and the wiring that makes the running server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+
+from twisted_lab.runtime.server import positiveInt
+from twisted_lab.services.chat import (
+    DEFAULT_MESSAGE_BURST,
+    DEFAULT_MESSAGE_RATE,
+    DEFAULT_PORT,
+    ChatService,
+)
+from twisted_lab.storage.sqlite import Store
+from twisted_lab.taps import auth
+from twisted_lab.taps.auth import AuthFactory
+
+
+def positiveFloat(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+class ChatFactory(AuthFactory):
+    """
+    An Int32 server of the chat service on C{store}.
+    """
+
+    serviceClass = ChatService
+    serviceSettings = (*AuthFactory.serviceSettings, "messageRate", "messageBurst")
+
+
+class Options(auth.Options):
+    """
+    Options of C{twistd netlab-chat}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Chat rooms, private messages and a history that loses nothing, on "
+        "the accounts of netlab-auth.  Listens on 127.0.0.1:9093 by default."
+    )
+    defaultPort = DEFAULT_PORT
+    optParameters = [
+        [
+            "message-rate",
+            None,
+            DEFAULT_MESSAGE_RATE,
+            "Room and private messages per user per second (sustained).",
+            positiveFloat,
+        ],
+        [
+            "message-burst",
+            None,
+            DEFAULT_MESSAGE_BURST,
+            "Room and private messages per user in a burst.",
+            positiveInt,
+        ],
+    ]
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """
+    The chat server described by C{config}: its services, not yet
+    started.  twistd calls it with the options alone, after installing its
+    reactor; tests pass their own.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    store = Store(config["db"])
+    factory = ChatFactory(
+        store,
+        config.hasher(reactor),
+        messageRate=config["message-rate"],
+        messageBurst=config["message-burst"],
+        **config.authSettings(reactor),
+    )
+    return config.makeStoredService("netlab-chat", store, factory)
