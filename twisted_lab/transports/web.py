@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import itertools
 import os
@@ -218,6 +219,13 @@ class StaticResource(Resource):
     def __init__(self, static: StaticFile) -> None:
         super().__init__()
         self.static = static
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in self.allowedMethods:
+            # (Not twisted.web's HTML error page: a short plain answer.)
+            request.setHeader(b"allow", b", ".join(self.allowedMethods))
+            return _plain(request, 405, b"only GET and HEAD here\n")
+        return super().render(request)
 
     def render_GET(self, request: Request) -> bytes:
         static = self.static
@@ -442,11 +450,8 @@ class WebSocketChannel:
     @property
     def closing(self) -> bool:
         connection = self.connection
-        return (
-            connection.lost
-            or self.closeSent
-            or connection.transport.disconnecting
-            or connection.readingPausedFor(CLOSING)
+        return bool(
+            connection.lost or self.closeSent or connection.transport.disconnecting
         )
 
     def send(self, outgoing: Outgoing) -> None:
@@ -495,7 +500,11 @@ class WebSocketChannel:
         self.dispatcher = self.makeDispatcher(self)
 
     def textMessageReceived(self, message: str) -> None:
-        if self.closing or self.dispatcher is None:
+        if (
+            self.closing
+            or self.dispatcher is None
+            or self.connection.readingPausedFor(CLOSING)
+        ):
             return
         payload = message.encode("utf-8")
         if self._held or self.dispatcher.queueFull:
@@ -724,6 +733,13 @@ class _ChannelTransport:
     def getHost(self) -> IAddress:
         return self.connection.transport.getHost()
 
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        # (Set already by the connection; twisted.web asks again.)
+        setNoDelay = getattr(self.connection.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            with contextlib.suppress(OSError):
+                setNoDelay(enabled)
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
 
@@ -841,11 +857,12 @@ class WebConnection(ServedConnection):
                 length=scanner.tooLong,
                 limit=scanner.maxLength,
             )
-            # Nothing from the oversized header on is read.
-            self.pauseReading(CLOSING)
-            self.frameStarted = None
+            # What came before the oversized header is handled; nothing
+            # from it on is read.
             if tooLong:
                 self.channel.dataReceived(data[:tooLong])
+            self.pauseReading(CLOSING)
+            self.frameStarted = None
             websocket.messageTooLong(scanner.tooLong, scanner.maxLength)
             return
         if not scanner.inFrame:
