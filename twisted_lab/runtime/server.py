@@ -15,9 +15,11 @@ import contextlib
 import os
 import re
 import signal
+import socket
 from typing import Any
 
 from twisted.application import service
+from twisted.application.service import IService
 from twisted.internet import defer
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import CannotListenError
@@ -28,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from twisted_lab.bus import busFromURL
 from twisted_lab.codecs import events
 from twisted_lab.observe import eventlog
 from twisted_lab.observe.eventlog import JSONEventLog
@@ -37,8 +40,8 @@ from twisted_lab.observe.metrics import (
 from twisted_lab.runtime.startup import Console, StartupFailed
 from twisted_lab.runtime.storeservice import StoreService
 from twisted_lab.runtime.systemd import SystemdNotifier, whenOpened
+from twisted_lab.storage.engines import storeFromURL
 from twisted_lab.storage.sqlite import DEFAULT_PATH as DEFAULT_STORE_PATH
-from twisted_lab.storage.sqlite import Store
 from twisted_lab.transports.connection import (
     DEFAULT_FRAME_MIN_RATE,
     DEFAULT_FRAME_TIMEOUT,
@@ -557,23 +560,71 @@ class ServerOptions(usage.Options):
 
 class StoredServerOptions(ServerOptions):
     """
-    Options of a service that keeps state in the SQLite store.
+    Options of a service that keeps state in a store, and may share it (and
+    a bus) with other nodes.
     """
 
     optParameters = [
-        ["db", None, DEFAULT_STORE_PATH, "The SQLite database file."],
+        [
+            "db",
+            None,
+            DEFAULT_STORE_PATH,
+            "The database: a SQLite file, or "
+            "postgresql://user:password@host:5432/dbname (shared by nodes).",
+        ],
+        [
+            "bus",
+            None,
+            None,
+            "The bus between nodes: redis://host:6379/0.  Without it this "
+            "node is alone.",
+        ],
+        [
+            "node",
+            None,
+            None,
+            "This node's name in logs and metrics (default: host name and pid).",
+        ],
     ]
 
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["node"] is None:
+            self["node"] = f"{socket.gethostname()}-{os.getpid()}"
+        if self["bus"] is not None and not self["bus"].startswith("redis://"):
+            raise usage.UsageError(
+                f"--bus takes redis://host:port/db, not {self['bus']!r}"
+            )
+
+    def openStore(self) -> Any:
+        """
+        The store C{--db} names (not opened yet).
+        """
+        return storeFromURL(self["db"])
+
+    def makeBus(self, reactor: Any) -> Any:
+        """
+        The bus C{--bus} names: Redis, or the in-process bus of a lone node.
+        """
+        return busFromURL(self["bus"], reactor)
+
     def makeStoredService(
-        self, serviceName: str, store: Store, factory: ServerFactory
+        self,
+        serviceName: str,
+        store: Any,
+        factory: ServerFactory,
+        bus: Any = None,
     ) -> OrderedServices:
         """
-        The server these options describe, on top of C{store}: the store
-        opens first and closes only after the server has stopped.
+        The server these options describe, on top of C{store} (and C{bus}):
+        the store opens first and closes only after the server has stopped;
+        the bus connects before the server listens and closes after it.
         """
         top = OrderedServices()
         storeService = StoreService(store, factory.clock)
         storeService.setServiceParent(top)
+        if bus is not None and IService.providedBy(bus):
+            bus.setServiceParent(top)
         server = self.makeNetlabService(serviceName, factory)
         server.readyWhen = lambda: whenOpened(storeService)
         server.setServiceParent(top)

@@ -34,7 +34,7 @@ from twisted_lab.codecs.message import (
     Text,
     rfc3339,
 )
-from twisted_lab.ports import IAccountStore, IRequestChannel
+from twisted_lab.ports import IAccountStore, IBus, IRequestChannel
 from twisted_lab.services.accounts import (
     PasswordHasher,
     canonicalUsername,
@@ -494,8 +494,14 @@ class AuthService:
         sessionIdle: float = DEFAULT_SESSION_IDLE,
         sessionMax: float = DEFAULT_SESSION_MAX,
         registrationsPerHour: int = DEFAULT_REGISTRATIONS_PER_HOUR,
+        bus: IBus | None = None,
+        node: str = "",
     ) -> None:
         self.store = store
+        #: The bus to the other nodes sharing the store (None: alone), and
+        #: this node's name.
+        self.bus = bus
+        self.node = node
         self.hasher = hasher
         self.context = context
         self.sessionIdle = sessionIdle

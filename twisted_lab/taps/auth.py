@@ -29,7 +29,6 @@ from twisted_lab.services.auth import (
     DEFAULT_SESSION_MAX,
     AuthService,
 )
-from twisted_lab.storage.sqlite import Store
 from twisted_lab.transports.int32 import MessageFactory
 
 
@@ -44,6 +43,8 @@ class AuthFactory(MessageFactory):
         "sessionIdle",
         "sessionMax",
         "registrationsPerHour",
+        "bus",
+        "node",
     )
 
     def __init__(self, store: Any, hasher: PasswordHasher, **settings: Any) -> None:
@@ -117,6 +118,7 @@ class Options(StoredServerOptions):
             "sessionIdle": self["session-idle"],
             "sessionMax": self["session-max"],
             "registrationsPerHour": self["registrations-per-hour"],
+            "node": self["node"],
             **self.factorySettings(reactor),
         }
 
@@ -129,6 +131,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = Store(config["db"])
+    store = config.openStore()
     factory = AuthFactory(store, config.hasher(reactor), **config.authSettings(reactor))
     return config.makeStoredService("netlab-auth", store, factory)

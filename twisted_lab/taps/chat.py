@@ -16,7 +16,6 @@ from twisted_lab.services.chat import (
     DEFAULT_PORT,
     ChatService,
 )
-from twisted_lab.storage.sqlite import Store
 from twisted_lab.taps import auth
 from twisted_lab.taps.auth import AuthFactory
 
@@ -74,12 +73,14 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = Store(config["db"])
+    store = config.openStore()
+    bus = config.makeBus(reactor)
     factory = ChatFactory(
         store,
         config.hasher(reactor),
         messageRate=config["message-rate"],
         messageBurst=config["message-burst"],
+        bus=bus,
         **config.authSettings(reactor),
     )
-    return config.makeStoredService("netlab-chat", store, factory)
+    return config.makeStoredService("netlab-chat", store, factory, bus)

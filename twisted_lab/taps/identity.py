@@ -12,7 +12,6 @@ from twisted.application.service import IService
 from twisted_lab.codecs.message import DEFAULT_MAX_LENGTH
 from twisted_lab.runtime.server import StoredServerOptions
 from twisted_lab.services.identity import DEFAULT_PORT, IdentityService
-from twisted_lab.storage.sqlite import Store
 from twisted_lab.transports.int32 import MessageFactory
 
 
@@ -49,6 +48,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = Store(config["db"])
+    store = config.openStore()
     factory = IdentityFactory(store, **config.factorySettings(reactor))
     return config.makeStoredService("netlab-identity", store, factory)
