@@ -856,7 +856,7 @@ class ListenerTests(TestCase):
             self.dispatchers.append(d)
             return d
 
-        service = webService(description, factory, make, reactor, **kw)
+        service = webService(description, factory, reactor, makeDispatcher=make, **kw)
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
@@ -914,7 +914,9 @@ class ListenerTests(TestCase):
         service = self.makeService("tcp:0:interface=127.0.0.1")
         port = service.port.getHost().port
         factory = ServerFactory(clock=reactor)
-        second = webService(f"tcp:{port}:interface=127.0.0.1", factory, None, reactor)  # type: ignore[arg-type]
+        second = webService(
+            f"tcp:{port}:interface=127.0.0.1", factory, reactor, makeDispatcher=print
+        )
         with self.assertRaises(SystemExit) as caught:
             second.privilegedStartService()
         self.assertIn("cannot listen on", str(caught.exception))

@@ -50,3 +50,9 @@ IDENTITY_KNOWN = "identity_known"
 IDENTITY_FORGOTTEN = "identity_forgotten"
 IDENTITY_ASKED = "identity_asked"
 LOGIN_SUCCEEDED = "login_succeeded"
+
+# The web listener of netlab-chat (twisted_lab.transports.web).
+WEB_ORIGIN_REFUSED = "web_origin_refused"
+WEBSOCKET_OPENED = "websocket_opened"
+WEB_REQUEST_TOO_LONG = "web_request_too_long"
+WEBSOCKET_BINARY = "websocket_binary"

@@ -63,7 +63,9 @@ from wsproto.utilities import LocalProtocolError
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_lab.codecs import events
+from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import Outgoing, encodeMessage
+from twisted_lab.dispatch import QUEUE_FULL, RequestDispatcher
 from twisted_lab.ports import IRequestChannel
 from twisted_lab.transports.connection import (
     CLOSING,
@@ -75,13 +77,13 @@ from twisted_lab.transports.connection import (
 # -- events of this transport (the C{event} field) ------------------------------
 
 #: A WebSocket upgrade was refused: its C{Origin} is not allowed.
-WEB_ORIGIN_REFUSED = "web_origin_refused"
+WEB_ORIGIN_REFUSED = events.WEB_ORIGIN_REFUSED
 #: A WebSocket was opened (after the Origin check).
-WEBSOCKET_OPENED = "websocket_opened"
+WEBSOCKET_OPENED = events.WEBSOCKET_OPENED
 #: An HTTP request (headers and body) went over L{HTTP_REQUEST_LIMIT}.
-WEB_REQUEST_TOO_LONG = "web_request_too_long"
+WEB_REQUEST_TOO_LONG = events.WEB_REQUEST_TOO_LONG
 #: A binary WebSocket message arrived (the protocol is JSON text).
-WEBSOCKET_BINARY = "websocket_binary"
+WEBSOCKET_BINARY = events.WEBSOCKET_BINARY
 
 # -- WebSocket close codes (RFC 6455 section 7.4.1) ------------------------------
 
@@ -94,9 +96,6 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 #: Bytes one HTTP request (request line, headers, body) may take: the page
 #: needs no body, and twisted.web would otherwise buffer any body it is sent.
 HTTP_REQUEST_LIMIT = 64 * 1024
-#: Why reading stops while the request dispatcher's queue is full (the
-#: dispatcher's own reason; the same text, so it is one reason).
-QUEUE_FULL = "request queue full"
 
 SOCKET_PATH = b"ws"
 
@@ -524,7 +523,7 @@ class WebSocketChannel:
             )
         self.closeCode = CLOSE_UNSUPPORTED_DATA
         self.closeWith(
-            "bad_request",
+            ErrorCode.BAD_REQUEST,
             "binary messages are not part of the protocol: send JSON as text",
         )
 
@@ -560,7 +559,7 @@ class WebSocketChannel:
         self.closeCode = CLOSE_MESSAGE_TOO_BIG
         self.connection.startCloseTimer()
         self.closeWith(
-            "frame_too_long",
+            ErrorCode.FRAME_TOO_LONG,
             f"a {length}-byte message is over the {limit}-byte limit",
         )
 
@@ -926,7 +925,7 @@ class WebConnection(ServedConnection):
             self.websocket.sendMessage(
                 {
                     "type": "error",
-                    "code": "idle_timeout",
+                    "code": ErrorCode.IDLE_TIMEOUT,
                     "message": "closing an idle connection",
                 }
             )
@@ -940,7 +939,7 @@ class WebConnection(ServedConnection):
         websocket.sendMessage(
             {
                 "type": "error",
-                "code": "frame_timeout",
+                "code": ErrorCode.FRAME_TIMEOUT,
                 "message": "a frame stayed incomplete too long; closing",
             }
         )
@@ -953,7 +952,7 @@ class WebConnection(ServedConnection):
             websocket.sendMessage(
                 {
                     "type": "error",
-                    "code": "server_shutdown",
+                    "code": ErrorCode.SERVER_SHUTDOWN,
                     "message": "the server is shutting down",
                 }
             )
@@ -973,7 +972,7 @@ class WebConnection(ServedConnection):
                     encodeMessage(
                         {
                             "type": "error",
-                            "code": "slow_consumer",
+                            "code": ErrorCode.SLOW_CONSUMER,
                             "message": "you are not reading fast enough; disconnecting",
                         }
                     ).decode("utf-8")
@@ -1289,20 +1288,36 @@ class WebService(service.Service):
         return result
 
 
+def serviceDispatchers(server: Any) -> DispatcherFactory:
+    """
+    The dispatchers of a JSON server's WebSockets: the same service, request
+    handlers and context (limits, buckets, counters) as its Int32
+    connections (C{server} is its L{twisted_lab.transports.int32.MessageFactory}).
+    """
+
+    def makeDispatcher(channel: IRequestChannel) -> Dispatcher:
+        handler = server.service.handlerFor(channel)
+        return RequestDispatcher(channel, handler, server.context)
+
+    return makeDispatcher
+
+
 def webService(
     description: str,
     server: ServerFactory,
-    makeDispatcher: DispatcherFactory,
     reactor: Any,
     allowedOrigins: Sequence[str] = (),
     portFile: str | None = None,
     failed: Callable[[str], BaseException] = WebListenFailed,
+    makeDispatcher: DispatcherFactory | None = None,
 ) -> WebService:
     """
     The web listener of a chat server: the page and the WebSocket on
     endpoint C{description}, its connections counted and limited by
-    C{server} (the chat server's factory), each WebSocket's requests run by
-    C{makeDispatcher(channel)}.
+    C{server} (the chat server's factory, whose service answers the
+    WebSockets' requests; or C{makeDispatcher(channel)}, in tests).
     """
+    if makeDispatcher is None:
+        makeDispatcher = serviceDispatchers(server)
     factory = WebFactory(server, makeDispatcher, OriginPolicy(allowedOrigins), reactor)
     return WebService(description, factory, reactor, portFile=portFile, failed=failed)
