@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from twisted_lab.runtime.server import positiveInt
+from twisted_lab.runtime.startup import StartupFailed
 from twisted_lab.services.chat import (
     DEFAULT_MESSAGE_BURST,
     DEFAULT_MESSAGE_RATE,
@@ -18,6 +20,7 @@ from twisted_lab.services.chat import (
 )
 from twisted_lab.taps import auth
 from twisted_lab.taps.auth import AuthFactory
+from twisted_lab.transports.web import normalizeOrigin, webService
 
 
 def positiveFloat(value: str) -> float:
@@ -62,7 +65,37 @@ class Options(auth.Options):
             "Room and private messages per user in a burst.",
             positiveInt,
         ],
+        # The page and the WebSocket (docs/protocol.md section 4).
+        [
+            "web",
+            None,
+            None,
+            "Also serve the chat page at / and the protocol as a WebSocket at "
+            "/ws on this endpoint (tcp:8080:interface=127.0.0.1, "
+            "ssl:8443:privateKey=key.pem:certKey=cert.pem).",
+        ],
+        ["web-port-file", None, None, "Write the web port being served to this file."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["web-origin"] = []
+
+    def opt_web_origin(self, origin: str) -> None:
+        """
+        A page origin allowed to open the WebSocket (https://chat.example.org;
+        repeatable).  Default: only the page's own origin (the Host it was
+        served from).
+        """
+        try:
+            self["web-origin"].append(normalizeOrigin(origin))
+        except ValueError as e:
+            raise usage.UsageError(f"--web-origin: {e}") from None
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["web-origin"] and not self["web"]:
+            raise usage.UsageError("--web-origin needs --web")
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -83,4 +116,15 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         bus=bus,
         **config.authSettings(reactor),
     )
-    return config.makeStoredService("netlab-chat", store, factory, bus)
+    top = config.makeStoredService("netlab-chat", store, factory, bus)
+    if config["web"]:
+        # Started after the Int32 server, stopped before it.
+        webService(
+            config["web"],
+            factory,
+            reactor,
+            config["web-origin"],
+            portFile=config["web-port-file"],
+            failed=StartupFailed,
+        ).setServiceParent(top)
+    return top
