@@ -284,3 +284,71 @@ class IRequestChannel(Interface):
         Close once what was sent has been delivered (abort after a grace
         period if the peer does not take it).
         """
+
+
+class IThrottleBackend(Interface):
+    """
+    Where the counters behind the limits on guessing and abuse are kept
+    (the password throttles, the registrations per address): named
+    I{failure throttles} (exponential back-off per key, as
+    L{twisted_lab.services.limits.FailureThrottle}) and named I{token
+    buckets}, each keyed by a short text (a username, an address group).
+
+    A lone node keeps them in its process; the nodes of a cluster keep
+    them on the shared server, each operation atomic there, so that N
+    nodes count as one: guesses spread over the nodes are counted together
+    and block together.  Every operation returns a Deferred, which fails
+    when the counters cannot be reached (the cluster's server is down): the
+    caller then refuses what the limit guards, never lets it through
+    unchecked.
+    """
+
+    def defineFailures(
+        name: str, free: int, delays: tuple[float, ...], forgetAfter: float
+    ) -> None:
+        """
+        Declare the failure throttle C{name}: a key's first C{free}
+        failures cost nothing; the (C{free} + i + 1)-th blocks it for
+        C{delays[i]} seconds, the last entry holding for every failure
+        after it (L{twisted_lab.services.limits.backoffDelays}); a key with
+        no failure for C{forgetAfter} seconds is forgotten.
+        """
+
+    def defineBucket(name: str, burst: float, rate: float) -> None:
+        """
+        Declare the token bucket C{name}: at most C{burst} events at once
+        per key, refilled at C{rate} per second.
+        """
+
+    def reserve(attempt: list[tuple[str, str]]) -> Deferred[float]:
+        """
+        Start an attempt that counts against each (throttle, key) of
+        C{attempt}, all at once or not at all: if a key is blocked, fire
+        with the seconds it still is (the first blocked one, in order) and
+        count nothing; otherwise fire with 0, a failure counted on every
+        key (until L{release} or L{succeeded} says otherwise).  Attempts
+        reserved together count together, before any of them is checked.
+        """
+
+    def release(attempt: list[tuple[str, str]]) -> Deferred[None]:
+        """
+        Take back one reserved failure of each (throttle, key): the attempt
+        was no failure (it succeeded, or could not be made).
+        """
+
+    def succeeded(attempt: list[tuple[str, str]]) -> Deferred[None]:
+        """
+        Clear each (throttle, key): its owner proved who they are.
+        """
+
+    def retryAfter(name: str, key: str) -> Deferred[float]:
+        """
+        Fire with the seconds until C{key} of throttle C{name} may try
+        again (0: now).
+        """
+
+    def take(name: str, key: str) -> Deferred[float]:
+        """
+        Take one token of C{key} from bucket C{name}: fire with 0 if there
+        was one, else with the seconds until there is (nothing taken).
+        """

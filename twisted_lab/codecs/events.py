@@ -56,3 +56,6 @@ WEB_ORIGIN_REFUSED = "web_origin_refused"
 WEBSOCKET_OPENED = "websocket_opened"
 WEB_REQUEST_TOO_LONG = "web_request_too_long"
 WEBSOCKET_BINARY = "websocket_binary"
+
+# The shared throttles of a cluster (twisted_lab.services.auth).
+THROTTLES_UNAVAILABLE = "throttles_unavailable"

@@ -12,6 +12,14 @@ all of it: L{AuthSession} is the base of its session.
 L{AuthService} is plain logic on a clock and a store: each connection,
 whatever transport carries it, gets an L{AuthSession} (its request
 handler); the wiring is in L{twisted_lab.taps.auth}.
+
+The login throttles and the registrations per address are kept by an
+L{IThrottleBackend}: in this process for a lone node
+(L{twisted_lab.services.limits.LocalThrottles}), on the cluster's shared
+server when the nodes share a bus (the wiring decides), so that N nodes
+count guesses as one.  Checking them is asynchronous either way; a check
+that cannot be made (the shared server is down) refuses the request with
+C{internal_error}, and no password is hashed.
 """
 
 from __future__ import annotations
@@ -34,7 +42,12 @@ from twisted_lab.codecs.message import (
     Text,
     rfc3339,
 )
-from twisted_lab.ports import IAccountStore, IBus, IRequestChannel
+from twisted_lab.ports import (
+    IAccountStore,
+    IBus,
+    IRequestChannel,
+    IThrottleBackend,
+)
 from twisted_lab.services.accounts import (
     PasswordHasher,
     canonicalUsername,
@@ -44,7 +57,12 @@ from twisted_lab.services.accounts import (
 )
 from twisted_lab.services.context import ServerContext
 from twisted_lab.services.handler import RequestHandler
-from twisted_lab.services.limits import FailureThrottle, RequestLimit, TokenBucket
+from twisted_lab.services.limits import (
+    FORGET_AFTER,
+    LocalThrottles,
+    RequestLimit,
+    backoffDelays,
+)
 from twisted_lab.services.sessionwatch import SessionWatch
 
 T = TypeVar("T")
@@ -56,8 +74,28 @@ DEFAULT_REGISTRATIONS_PER_HOUR = 20
 #: Failed logins before back-off starts: per account, per client address.
 ACCOUNT_FREE_FAILURES = 5
 ADDRESS_FREE_FAILURES = 20
+#: The names of the throttles in the L{IThrottleBackend}: failed password
+#: checks per account and per client address group, registrations per
+#: address group.
+ACCOUNT_THROTTLE = "account"
+ADDRESS_THROTTLE = "address"
+REGISTRATIONS = "registrations"
 
 BAD_CREDENTIALS = RequestError(ErrorCode.BAD_CREDENTIALS, "wrong username or password")
+
+
+class ThrottlesUnavailable(RequestError):
+    """
+    The throttles could not be checked (the cluster's shared server is
+    unreachable): the request is refused, as any request is while a part
+    of the server it needs is down.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            ErrorCode.INTERNAL_ERROR,
+            "the server cannot check its limits now; try again shortly",
+        )
 
 
 # -- cred: credentials, checkers, realm --------------------------------------
@@ -235,19 +273,26 @@ class AuthSession(RequestHandler):
         """
         Run C{check} (a password check: a slow hash) for C{username} under
         the login throttles, which every request that checks a password
-        shares.  The attempt is counted before the hash starts, so guesses
-        sent at once count as they arrive; a success gives it back.
+        shares (on every node of a cluster).  The attempt is counted on the
+        account and the address at once, before the hash starts, so guesses
+        sent at once count as they arrive; a success gives it back.  If
+        either is blocked nothing is counted: an attempt that never reaches
+        the hash must not re-block the account.  Throttles that cannot be
+        checked refuse the attempt (C{internal_error}), never skip it.
         """
         service = self.service
-        # A blocked address is refused before the account is touched: an
-        # attempt that never reaches the hash must not re-block the account.
-        wait = service.addressFailures.retryAfter(self.channel.group)
-        if not wait:
-            wait = service.accountFailures.reserve(username)
+        throttles = service.throttles
+        address = (ADDRESS_THROTTLE, self.channel.group)
+        account = (ACCOUNT_THROTTLE, username)
+        try:
+            wait = await throttles.reserve([address, account])
+        except Exception as e:  # noqa: BLE001 (any failure refuses: fail safe)
+            self.context.stats.authAttempt("password", "error")
+            self._throttlesUnavailable(e)
+            raise ThrottlesUnavailable() from None
         if wait:
             self.context.stats.authAttempt("password", "throttled")
             raise self.rateLimited(wait, "password")
-        service.addressFailures.reserve(self.channel.group)
         try:
             result = await check()
         except UnauthorizedLogin:
@@ -261,18 +306,54 @@ class AuthSession(RequestHandler):
                 )
             raise BAD_CREDENTIALS from None
         except BaseException:
-            service.accountFailures.release(username)
-            service.addressFailures.release(self.channel.group)
             self.context.stats.authAttempt("password", "error")
+            # Not waited for: the error stands either way.
+            self._settle(throttles.release([address, account]))
             raise
         self.context.stats.authAttempt("password", "success")
-        service.accountFailures.succeeded(username)
-        service.addressFailures.release(self.channel.group)
+        await self._settle(
+            defer.gatherResults(
+                [throttles.succeeded([account]), throttles.release([address])],
+                consumeErrors=True,
+            )
+        )
         return result
+
+    def _settle(self, settling: defer.Deferred[Any]) -> defer.Deferred[None]:
+        """
+        The throttles taking back a reserved attempt.  If they cannot (the
+        shared server went down meanwhile), the attempt stays counted as a
+        failure (until it is forgotten): the answer the check gave stands,
+        and the log says so.
+        """
+
+        def failed(failure: Any) -> None:
+            self._throttlesUnavailable(failure.value)
+
+        return settling.addCallbacks(lambda _: None, failed)
+
+    def _throttlesUnavailable(self, reason: BaseException) -> None:
+        """
+        The throttles could not be reached: log it (within the log budget:
+        while the shared server is down every login says so).
+        """
+        if isinstance(reason, defer.FirstError) and reason.subFailure.value:
+            reason = reason.subFailure.value
+        if self.context.logBudget.admit(events.THROTTLES_UNAVAILABLE):
+            self.log.warn(
+                "{peer}: the throttles cannot be checked ({reason})",
+                event=events.THROTTLES_UNAVAILABLE,
+                peer=self.peer,
+                reason=str(reason) or type(reason).__name__,
+            )
 
     async def request_register(self, message: Message) -> Message:
         service = self.service
-        wait = service.registrations.take(self.channel.group)
+        try:
+            wait = await service.throttles.take(REGISTRATIONS, self.channel.group)
+        except Exception as e:  # noqa: BLE001 (any failure refuses: fail safe)
+            self._throttlesUnavailable(e)
+            raise ThrottlesUnavailable() from None
         if wait:
             raise self.rateLimited(wait, "registration")
         username = canonicalUsername(message["username"])
@@ -436,6 +517,7 @@ class AuthSession(RequestHandler):
         await self.service.store.deleteSession(digest, self.context.now())
         self._loggedOut()
         self.service.sessions.revoked(digest, "logged_out")
+        self.service.sessions.announce()
         self.log.info(
             "{peer}: {username} logged out",
             event=events.LOGGED_OUT,
@@ -463,6 +545,7 @@ class AuthSession(RequestHandler):
         for digest in service.sessions.digestsOf(account.username):
             if digest != self.sessionDigest:
                 service.sessions.revoked(digest, "password_changed")
+        service.sessions.announce()
         self.log.info(
             "{peer}: {username} changed password",
             event=events.PASSWORD_CHANGED,
@@ -496,6 +579,7 @@ class AuthService:
         registrationsPerHour: int = DEFAULT_REGISTRATIONS_PER_HOUR,
         bus: IBus | None = None,
         node: str = "",
+        throttles: IThrottleBackend | None = None,
     ) -> None:
         self.store = store
         #: The bus to the other nodes sharing the store (None: alone), and
@@ -511,19 +595,27 @@ class AuthService:
         if clock is None:
             raise TypeError("the auth service needs its clock (the reactor)")
         context.requestLimits.update(self.sessionClass.limits)
-        self.accountFailures = FailureThrottle(clock, free=ACCOUNT_FREE_FAILURES)
-        self.addressFailures = FailureThrottle(clock, free=ADDRESS_FREE_FAILURES)
-        self.registrations = TokenBucket(
-            clock,
-            burst=registrationsPerHour,
-            rate=registrationsPerHour / 3600.0,
+        #: The login throttles and the registrations per address: this
+        #: process's, or (given by the wiring) the cluster's.
+        self.throttles: IThrottleBackend = (
+            throttles if throttles is not None else LocalThrottles(clock)
+        )
+        delays = backoffDelays()
+        self.throttles.defineFailures(
+            ACCOUNT_THROTTLE, ACCOUNT_FREE_FAILURES, delays, FORGET_AFTER
+        )
+        self.throttles.defineFailures(
+            ADDRESS_THROTTLE, ADDRESS_FREE_FAILURES, delays, FORGET_AFTER
+        )
+        self.throttles.defineBucket(
+            REGISTRATIONS, registrationsPerHour, registrationsPerHour / 3600.0
         )
         self.passwordChecker = PasswordChecker(store, hasher)
         self.portal = Portal(
             self.makeRealm(),
             [self.passwordChecker, TokenChecker(store, clock, sessionIdle)],
         )
-        self.sessions = SessionWatch(store, clock, sessionIdle)
+        self.sessions = SessionWatch(store, clock, sessionIdle, bus=bus, node=node)
         stats = context.stats
         if stats is not None:
             stats.enableRequests()

@@ -12,14 +12,27 @@ Rates and back-off: the arithmetic behind every limit a netlab server keeps.
 Both keyed structures are bounded and cheap however many keys an attacker
 invents: keys live in insertion/recency order, pruning only looks at the
 oldest ones, and past C{maxKeys} the oldest are dropped.  Nothing here
-imports Twisted's reactor or any other part of netlab; the clock is passed in.
+imports Twisted's reactor; the clock is passed in.
+
+The back-off formula is written once, in L{backoffDelays}: a failure
+throttle keeps the table it makes, and the shared throttles of a cluster
+(L{twisted_lab.bus.throttles}) are handed the same table, so a Lua script
+looks a delay up rather than computing it a second way.  L{LocalThrottles}
+is the in-process L{twisted_lab.ports.IThrottleBackend} of a lone node:
+these same classes behind the interface every backend provides.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from twisted_lab.ports import IThrottleBackend
 
 
 class Clock(Protocol):
@@ -29,6 +42,39 @@ class Clock(Protocol):
 #: Keys a throttle or bucket holds at most; past it the least recently
 #: touched are forgotten (an attacker cycling names cannot grow memory).
 MAX_KEYS = 100_000
+
+#: The back-off of a failure throttle: the first blocking failure blocks for
+#: C{BACKOFF_BASE} seconds, each further one twice as long, up to
+#: C{BACKOFF_CAP}; a key with no failure for C{FORGET_AFTER} is forgotten.
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 900.0
+FORGET_AFTER = 3600.0
+
+
+def backoffDelays(
+    base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP
+) -> tuple[float, ...]:
+    """
+    The back-off formula, as a table: entry C{i} is how long the
+    C{i + 1}-th failure past the free ones blocks a key,
+    C{min(cap, base * 2 ** i)}; the table stops at the cap (or after 31
+    doublings) and its last entry holds for every failure after it.
+    """
+    delays = []
+    for doublings in range(31):
+        delay = min(cap, base * 2**doublings)
+        delays.append(delay)
+        if delay >= cap:
+            break
+    return tuple(delays)
+
+
+def delayAfter(delays: Sequence[float], excess: int) -> float:
+    """
+    How long the C{excess}-th failure past the free ones (1, 2, ...)
+    blocks a key, in the table C{delays} (L{backoffDelays}).
+    """
+    return delays[min(excess, len(delays)) - 1]
 
 
 class TokenBucket:
@@ -96,7 +142,8 @@ class FailureThrottle:
     Exponential back-off after repeated failures, per key.
 
     The first C{free} failures cost nothing; each one after that blocks the
-    key for C{base * 2 ** (n - free - 1)} seconds, capped at C{cap}.  A
+    key for C{base * 2 ** (n - free - 1)} seconds, capped at C{cap}
+    (L{backoffDelays}; or the table C{delays}, when given).  A
     success clears the key, and so does C{forgetAfter} seconds without a
     failure: the worst an attacker can do to a victim's account is make it
     wait C{cap} seconds between attempts.  (fail2ban's findtime/bantime,
@@ -111,15 +158,18 @@ class FailureThrottle:
         self,
         clock: Clock,
         free: int,
-        base: float = 1.0,
-        cap: float = 900.0,
-        forgetAfter: float = 3600.0,
+        base: float = BACKOFF_BASE,
+        cap: float = BACKOFF_CAP,
+        forgetAfter: float = FORGET_AFTER,
         maxKeys: int = MAX_KEYS,
+        *,
+        delays: Sequence[float] | None = None,
     ) -> None:
         self.clock = clock
         self.free = free
         self.base = base
         self.cap = cap
+        self.delays = tuple(delays) if delays else backoffDelays(base, cap)
         self.forgetAfter = forgetAfter
         self.maxKeys = maxKeys
         #: Least recently failed first, so pruning only looks at the front.
@@ -183,7 +233,7 @@ class FailureThrottle:
         """
         How long C{count} failures (more than the free ones) block a key.
         """
-        return min(self.cap, self.base * 2 ** min(count - self.free - 1, 30))
+        return delayAfter(self.delays, count - self.free)
 
     def succeeded(self, key: str) -> None:
         """
@@ -232,3 +282,59 @@ class RequestLimit:
     burst: int
     perUser: bool = True
     bucket: str = ""
+
+
+@implementer(IThrottleBackend)
+class LocalThrottles:
+    """
+    The throttles of a lone node, in its process: each named throttle a
+    L{FailureThrottle}, each bucket a L{TokenBucket}, behind the
+    interface the shared ones provide (every answer an already fired
+    Deferred: the check stays synchronous, so nothing can interleave
+    between the check and the count).
+    """
+
+    def __init__(self, clock: Clock, maxKeys: int = MAX_KEYS) -> None:
+        self.clock = clock
+        self.maxKeys = maxKeys
+        self.failures: dict[str, FailureThrottle] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def defineFailures(
+        self, name: str, free: int, delays: Sequence[float], forgetAfter: float
+    ) -> None:
+        self.failures[name] = FailureThrottle(
+            self.clock,
+            free,
+            forgetAfter=forgetAfter,
+            maxKeys=self.maxKeys,
+            delays=delays,
+        )
+
+    def defineBucket(self, name: str, burst: float, rate: float) -> None:
+        self.buckets[name] = TokenBucket(self.clock, burst, rate, self.maxKeys)
+
+    def reserve(self, attempt: Sequence[tuple[str, str]]) -> defer.Deferred[float]:
+        for name, key in attempt:
+            wait = self.failures[name].retryAfter(key)
+            if wait:
+                return defer.succeed(wait)
+        for name, key in attempt:
+            self.failures[name].failed(key)
+        return defer.succeed(0.0)
+
+    def release(self, attempt: Sequence[tuple[str, str]]) -> defer.Deferred[None]:
+        for name, key in attempt:
+            self.failures[name].release(key)
+        return defer.succeed(None)
+
+    def succeeded(self, attempt: Sequence[tuple[str, str]]) -> defer.Deferred[None]:
+        for name, key in attempt:
+            self.failures[name].succeeded(key)
+        return defer.succeed(None)
+
+    def retryAfter(self, name: str, key: str) -> defer.Deferred[float]:
+        return defer.succeed(self.failures[name].retryAfter(key))
+
+    def take(self, name: str, key: str) -> defer.Deferred[float]:
+        return defer.succeed(self.buckets[name].take(key))

@@ -1,6 +1,11 @@
 """
 C{twistd netlab-auth}: the auth service on the Int32 transport, its
 options, and the wiring that makes the running server.
+
+The wiring decides where the login throttles and the registrations per
+address are kept: with C{--bus redis://...} on the cluster's server,
+shared by every node (L{twisted_lab.bus.throttles.RedisThrottles}); alone,
+in the process (the service's default).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python.usage import UsageError
 
+from twisted_lab.bus import RedisBus
+from twisted_lab.bus.throttles import RedisThrottles
 from twisted_lab.codecs.message import DEFAULT_MAX_LENGTH
 from twisted_lab.runtime.server import (
     StoredServerOptions,
@@ -32,10 +39,23 @@ from twisted_lab.services.auth import (
 from twisted_lab.transports.int32 import MessageFactory
 
 
+def throttlesFor(bus: Any, clock: Any) -> Any:
+    """
+    The throttles of a service on C{bus}: the cluster's, kept on its
+    Redis server, when the nodes share one; else L{None} (the service
+    keeps its own, in the process).
+    """
+    if isinstance(bus, RedisBus):
+        return RedisThrottles(bus, clock)
+    return None
+
+
 class AuthFactory(MessageFactory):
     """
     An Int32 server of the auth service on C{store}.  The settings named
     in C{serviceSettings} are the service's; the rest are the server's.
+    Unless C{throttles} is given, they are made for the C{bus}
+    (L{throttlesFor}).
     """
 
     serviceClass: type[AuthService] = AuthService
@@ -45,9 +65,14 @@ class AuthFactory(MessageFactory):
         "registrationsPerHour",
         "bus",
         "node",
+        "throttles",
     )
 
     def __init__(self, store: Any, hasher: PasswordHasher, **settings: Any) -> None:
+        if settings.get("throttles") is None:
+            settings["throttles"] = throttlesFor(
+                settings.get("bus"), settings.get("clock")
+            )
         ofService = {
             key: settings.pop(key) for key in self.serviceSettings if key in settings
         }
@@ -132,5 +157,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     store = config.openStore()
-    factory = AuthFactory(store, config.hasher(reactor), **config.authSettings(reactor))
-    return config.makeStoredService("netlab-auth", store, factory)
+    bus = config.makeBus(reactor)
+    factory = AuthFactory(
+        store, config.hasher(reactor), bus=bus, **config.authSettings(reactor)
+    )
+    return config.makeStoredService("netlab-auth", store, factory, bus)
