@@ -13,7 +13,17 @@ The session survives the connection: if the connection drops, the client
 says why at once, reconnects with back-off (1 s, 2 s, 4 s ... 30 s),
 resumes the session with its token, joins its rooms again and asks
 C{history} with C{after} = the last C{seq} it saw in each, so nothing said
-meanwhile is lost.  A message seen twice is shown once, by C{seq}.
+meanwhile is lost.  A message seen twice is shown once, by C{seq}.  With
+several servers (the nodes of a cluster, C{--server} repeated), each
+reconnection starts with the node after the one that was lost
+(L{twisted_lab.client.cluster.Failover}); the token is valid on every node
+and the C{seq} of a room is the same everywhere, so the catch-up is the
+same.
+
+Each room's messages are shown in C{seq} order, without a hole: a message
+that arrives while its room is being caught up, or after a gap (a C{seq}
+skipped: a message another node did not deliver here), waits until the
+messages before it have been fetched with C{history}.
 
 Text from the network is shown through L{sanitize}: no control character,
 escape sequence, bidi override or line break from another user reaches the
@@ -41,7 +51,6 @@ from twisted_lab.client.frames import (
     ClosedByServer,
     MessageClient,
     ServerError,
-    connect,
 )
 from twisted_lab.codecs.message import encodeMessage
 
@@ -322,6 +331,10 @@ class ChatSession:
         self._sayCount = 0
         self._reconnecting = False
         self._keepalive: Any = None
+        #: Rooms being caught up with history, and the live messages of a
+        #: room held (by seq) until those before them are shown.
+        self._catchingUp: set[str] = set()
+        self._held: dict[str, dict[int, dict[str, Any]]] = {}
         self._abandoned: set[MessageClient] = set()
         self._unanswered: set[MessageClient] = set()
         #: Called when what a prompt shows may have changed.
@@ -426,37 +439,122 @@ class ChatSession:
             )
             history = joined.get("history", []) if self.showJoinHistory else []
             for message in history:
-                self.received(message)
+                self._deliver(message)
             self.lastSeq.setdefault(room, joined.get("last_seq", 0))
         else:
-            # Catch up on everything after the last seq seen, page by page.
-            while True:
-                reply = await self.client.call(
-                    {
-                        "type": "history",
-                        "room": room,
-                        "after": self.lastSeq[room],
-                        "limit": self.historyPage,
-                    }
-                )
-                for message in reply.get("messages", []):
-                    self.received(message)
-                if len(reply.get("messages", [])) < self.historyPage:
-                    break
+            # Back after a lost connection (on this node or another one).
+            await self._catchUp(self.client, room)
 
-    def received(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind == "message":
+    async def _catchUp(self, client: MessageClient, room: str) -> None:
+        """
+        Show everything after the last seq seen in C{room}, page by page
+        (a page may be short and say C{more}); live messages of the room
+        wait meanwhile, then follow in order.  If the connection is lost
+        on the way, the held messages stay held: the catch-up after the
+        reconnect shows what comes before them.
+        """
+        self._catchingUp.add(room)
+        try:
+            while room in self.lastSeq:
+                after = self.lastSeq[room]
+                try:
+                    reply = await client.call(
+                        {
+                            "type": "history",
+                            "room": room,
+                            "after": after,
+                            "limit": self.historyPage,
+                        }
+                    )
+                except ServerError as e:
+                    if e.code != "rate_limited":
+                        raise
+                    await deferLater(
+                        self.reactor, _seconds(e.reply.get("retry_after")), lambda: None
+                    )
+                    continue
+                messages = reply.get("messages", [])
+                for message in messages:
+                    self._deliver(message)
+                if self.lastSeq.get(room, after) <= after or (
+                    len(messages) < self.historyPage and not reply.get("more")
+                ):
+                    break
+        finally:
+            self._catchingUp.discard(room)
+        self._flushHeld(room)
+
+    def _fillGap(self, room: str) -> None:
+        """
+        A live message of C{room} skipped a seq: fetch what is missing.
+        """
+        client = self.client
+        if client is None or self.closing:
+            return  # the catch-up after the reconnect does it
+
+        def failed(f: Any) -> None:
+            if f.check(ServerError):
+                self.view.problem(
+                    f"cannot fetch the missing messages of #{sanitize(room)}: "
+                    f"{sanitize(f.value.code)}"
+                )
+                self._flushHeld(room)
+            elif not f.check(
+                error.ConnectionDone, error.ConnectionLost, defer.CancelledError
+            ):
+                log.failure("fetching missing messages failed", f)
+
+        defer.ensureDeferred(self._catchUp(client, room)).addErrback(failed)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        """
+        Show a room message unless its seq was shown already, then the
+        held messages that follow it without a gap.
+        """
+        pending = [message]
+        while pending:
+            message = pending.pop()
             room, seq = message.get("room"), message.get("seq")
             if isinstance(room, str) and isinstance(seq, int):
                 if seq <= self.lastSeq.get(room, 0):
-                    return  # already shown
+                    continue  # already shown
                 self.lastSeq[room] = seq
             sender = message.get("from")
             if isinstance(sender, str):
                 self.names.add(sender)
             self._confirm(message)
-        elif kind == "presence" and isinstance(message.get("user"), str):
+            self.show(message)
+            held = self._held.get(room) if isinstance(room, str) else None
+            if held and isinstance(room, str) and room in self.lastSeq:
+                following = held.pop(self.lastSeq[room] + 1, None)
+                if following is not None:
+                    pending.append(following)
+
+    def _flushHeld(self, room: str) -> None:
+        """
+        Show the held messages of C{room} in seq order (after a catch-up:
+        what is still missing before them is not in the history).
+        """
+        held = self._held.pop(room, {})
+        for seq in sorted(held):
+            self._deliver(held[seq])
+
+    def received(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "message":
+            room, seq = message.get("room"), message.get("seq")
+            if isinstance(room, str) and isinstance(seq, int) and room in self.lastSeq:
+                last = self.lastSeq[room]
+                if seq <= last:
+                    return  # already shown
+                if room in self._catchingUp or seq > last + 1:
+                    self._held.setdefault(room, {})[seq] = message
+                    if room not in self._catchingUp:
+                        self._fillGap(room)
+                    return
+            self._deliver(message)
+            return
+        if kind == "presence" and isinstance(message.get("user"), str):
             self.names.add(message["user"])
         elif kind == "private" and isinstance(message.get("from"), str):
             self.names.add(message["from"])
@@ -545,14 +643,20 @@ class ChatSession:
                     )
                 )
                 return
-            except (error.ConnectError, error.ConnectionDone, error.ConnectionLost):
+            except (
+                error.ConnectError,
+                error.DNSLookupError,
+                error.ConnectionDone,
+                error.ConnectionLost,
+            ):
                 self._dropPartial()
                 if self.maxAttempts is not None and attempts >= self.maxAttempts:
                     self.end(SessionEnded("the server is gone; giving up", 4))
                     return
                 delay = min(self.maxBackoff, delay * 2)
                 continue
-            self.view.info("reconnected")
+            where = self.client.label if self.client is not None else ""
+            self.view.info(f"reconnected to {sanitize(where)}", server=where)
             return
 
     def _dropPartial(self) -> None:
@@ -748,6 +852,7 @@ class ChatSession:
             await client.call({"type": "leave", "room": partRoom})
             self.rooms.remove(partRoom)
             self.lastSeq.pop(partRoom, None)
+            self._held.pop(partRoom, None)
             if partRoom == self.current:
                 self.current = self.rooms[-1] if self.rooms else None
                 after = (
@@ -928,25 +1033,28 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
     """
     The C{netlab chat} command once the token (or password) is known.
     """
-    from twisted_lab.client.cli import EXIT_LOST, EXIT_OK, Output
+    from twisted_lab.client.cli import EXIT_LOST, EXIT_OK, Output, failoverFor
+    from twisted_lab.client.cluster import Address, failureReason, showAddress
 
     out: Output = options.out
     view = View(json=options.json, colour=wantColour(sys.stdout) and not options.json)
     terminal = getattr(options, "terminalUI", False)
 
+    def fellThrough(address: Address, e: BaseException, following: Address) -> None:
+        view.info(
+            f"cannot connect to {showAddress(*address)}: {failureReason(e)}; "
+            f"trying {showAddress(*following)}",
+            server=showAddress(*address),
+        )
+
+    # One Failover for the whole session: each reconnection starts with the
+    # server after the one that was lost.
+    failover = failoverFor(reactor, options, fellThrough)
+
     async def connector(client: MessageClient) -> Any:
         client.report = out.report
         client.onEvent = out.event
-        return await connect(
-            reactor,
-            options.host,
-            options.port,
-            client,
-            options.timeout,
-            options.bind,
-            tls=options.tls,
-            cafile=options.cafile,
-        )
+        return await failover.connect(client)
 
     def saveToken(session: dict[str, Any]) -> None:
         from twisted_lab.client.cli import endpointOf
@@ -1030,15 +1138,18 @@ async def runChatSession(reactor: Any, options: argparse.Namespace) -> int:
 
 def _forgetSession(options: argparse.Namespace, token: str | None) -> None:
     """
-    The server that issued C{token} refused it: forget that session (only
-    this server's, and only if it still holds that token).
+    The server that issued C{token} (or a node of its cluster, which shares
+    its sessions) refused it: forget that session (only the one saved for
+    those servers, and only if it still holds that token).
     """
     if token is None:
         return
     from twisted_lab.client.cli import endpointOf
     from twisted_lab.client.sessions import SessionStore
 
-    SessionStore().forget(endpointOf(options), token)
+    saved = getattr(options, "session", None)
+    servers = saved.endpoint if saved is not None else endpointOf(options)
+    SessionStore().forget(servers, token)
 
 
 def _abort(message: str, code: int) -> Abort:

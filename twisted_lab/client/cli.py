@@ -2,10 +2,12 @@
 The C{netlab} command: a client for every netlab service.
 
 C{netlab echo|identity|auth|chat [--host H] [--port P] [--tls] [--cafile CA]
-[--json] ...}.  Results go to standard output, what happens on the
-connection to standard error (C{--quiet} silences it); with C{--json} both
-are one JSON object per line on standard output.  Expected failures are
-one line on standard error and an exit status from L{EXIT_CODES}.
+[--json] ...}, or C{--server HOST:PORT} (repeated) for the nodes of a
+cluster, tried in turn (L{twisted_lab.client.cluster}).  Results go to
+standard output, what happens on the connection to standard error
+(C{--quiet} silences it); with C{--json} both are one JSON object per line
+on standard output.  Expected failures are one line on standard error and
+an exit status from L{EXIT_CODES}.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ from twisted.internet import defer, error
 
 from twisted_lab import __version__
 from twisted_lab.client.chat import sanitize
+from twisted_lab.client.cluster import (
+    Address,
+    Failover,
+    NoServerReachable,
+    failureReason,
+    parseServers,
+    showAddress,
+    withPorts,
+)
 from twisted_lab.client.frames import (
-    BindError,
     ClosedByServer,
     ClosedWithoutAnswer,
     FrameClient,
@@ -39,11 +49,14 @@ from twisted_lab.client.frames import (
     connect,
 )
 from twisted_lab.client.sessions import (
+    Cluster,
     Endpoint,
+    Servers,
     Session,
     SessionChoiceError,
     SessionStore,
     chooseSession,
+    fits,
     normaliseHost,
 )
 
@@ -403,22 +416,37 @@ class StdinReader:
 # -- connecting and failing ---------------------------------------------------
 
 
-def endpointOf(options: argparse.Namespace) -> Endpoint:
+def targetsOf(options: argparse.Namespace) -> list[Address]:
     """
-    The server C{options} name, as sessions are keyed.
+    The servers this command may connect to, in order: C{--server}'s, or
+    the one C{--host} and C{--port} name.
     """
-    return Endpoint.of(options.host, options.port, options.tls, options.cafile)
+    targets = getattr(options, "targets", None)
+    if targets:
+        return list(targets)
+    return [(options.host, options.port)]
 
 
-async def connectOrAbort(
-    reactor: Any, options: argparse.Namespace, client: FrameClient
-) -> FrameClient:
+def endpointOf(options: argparse.Namespace) -> Servers:
     """
-    L{connect} to the server in C{options}, turning the usual failures into
-    a one-line L{Abort}.
+    The server (or the cluster of servers) C{options} name, as sessions
+    are keyed.
     """
-    host, port = options.host, options.port
-    try:
+    return Cluster.of(targetsOf(options), options.tls, options.cafile)
+
+
+def failoverFor(
+    reactor: Any,
+    options: argparse.Namespace,
+    onFailure: Callable[[Address, BaseException, Address], None] | None = None,
+) -> Failover:
+    """
+    The servers of C{options}, tried in turn (shuffled with C{--shuffle}),
+    each with the same TLS, timeout and C{--bind} settings.
+    """
+
+    async def connectTo(address: Address, client: FrameClient) -> FrameClient:
+        host, port = address
         return await connect(
             reactor,
             host,
@@ -429,42 +457,54 @@ async def connectOrAbort(
             tls=options.tls,
             cafile=options.cafile,
         )
+
+    return Failover(
+        targetsOf(options),
+        connectTo,
+        shuffle=getattr(options, "shuffle", False),
+        onFailure=onFailure,
+    )
+
+
+async def connectOrAbort(
+    reactor: Any, options: argparse.Namespace, client: FrameClient
+) -> FrameClient:
+    """
+    L{connect} to the server in C{options} (the first of its servers that
+    answers), turning the usual failures into a one-line L{Abort}.
+    """
+    out: Output | None = getattr(options, "out", None)
+
+    def fellThrough(address: Address, e: BaseException, following: Address) -> None:
+        if out is not None:
+            out.report(
+                f"cannot connect to {showAddress(*address)}: {failureReason(e)}; "
+                f"trying {showAddress(*following)}"
+            )
+
+    failover = failoverFor(reactor, options, fellThrough)
+    try:
+        await failover.connect(client)
     except Exception as e:  # noqa: BLE001 - mapped below, or re-raised
+        options.host, options.port = failover.trying
         abort = failureMessage(e, options)
         if abort is None:
             raise
         raise abort from None
+    options.host, options.port = failover.trying
+    return client
 
 
 def cannotConnect(host: str, port: int, e: Exception) -> Abort:
     """
     The one-line message for a connection that could not be made.
     """
-    if isinstance(e, error.ConnectionRefusedError):
-        why = "connection refused (is the server running?)"
-    elif isinstance(e, error.DNSLookupError):
-        why = "unknown host"
-    elif isinstance(e, error.TimeoutError):
-        why = "timed out"
-    elif isinstance(e, BindError):
-        why = str(e.args[0]) if e.args else "cannot use that --bind address"
-    elif isinstance(e, error.ConnectBindError):
-        why = f"cannot use that --bind address ({_osError(e.osError)})"
-    elif isinstance(e, error.ConnectError) and e.osError:
-        why = _osError(e.osError)
-    else:
-        why = str(e).strip().rstrip(".") or type(e).__name__
-    shown = f"[{host}]" if ":" in host else host
-    return Abort(f"cannot connect to {shown}:{port}: {why}", code=EXIT_CONNECT)
-
-
-def _osError(value: Any) -> str:
-    """
-    An errno as its text (C{99} is "Cannot assign requested address").
-    """
-    if isinstance(value, int):
-        return os.strerror(value)
-    return str(value)
+    if isinstance(e, NoServerReachable):
+        return Abort(f"cannot connect to any server: {e.describe()}", code=EXIT_CONNECT)
+    return Abort(
+        f"cannot connect to {showAddress(host, port)}: {failureReason(e)}",
+        code=EXIT_CONNECT,
+    )
 
 
 def tlsReason(e: Exception) -> str:
@@ -773,28 +813,42 @@ def prepareAuth(options: argparse.Namespace) -> None:
 
 def resolveOptionsTarget(options: argparse.Namespace) -> None:
     """
-    Fill in C{options.host} and C{options.port} (asked on a terminal).
+    Fill in C{options.targets}, the servers to try in order, and
+    C{options.host} and C{options.port}, the first of them: C{--server}'s
+    addresses (C{--port}, else the service's default, for those without a
+    port), else C{--host} and C{--port} (asked on a terminal).
     """
-    options.host, options.port = resolveTarget(
-        options.host,
-        options.port,
-        DEFAULT_PORTS[options.command],
-        getattr(options, "terminal", options.interactive),
-    )
+    servers = getattr(options, "servers", None)
+    if servers:
+        port = (
+            options.port if options.port is not None else DEFAULT_PORTS[options.command]
+        )
+        options.targets = withPorts(servers, port)
+        options.host, options.port = options.targets[0]
+    else:
+        options.host, options.port = resolveTarget(
+            options.host,
+            options.port,
+            DEFAULT_PORTS[options.command],
+            getattr(options, "terminal", options.interactive),
+        )
+        options.targets = [(options.host, options.port)]
     options.tls = options.tls or options.cafile is not None
 
 
 def useSavedSession(options: argparse.Namespace, takeServer: bool) -> Session | None:
     """
-    The saved session for the server in C{options}.  With C{takeServer},
-    host and port not given come from the session (the only one, or the
-    one that fits what was given); otherwise the server is resolved first
-    and only its own session is used.  Either way the session's TLS
-    settings are adopted, so its token goes nowhere else and never in
-    clear text if it was issued over TLS.
+    The saved session for the server (or servers) in C{options}.  With
+    C{takeServer} and no C{--server}, the servers come from the session
+    (the only one, or the one that fits what was given: its servers that
+    fit C{--host} and C{--port}); otherwise the servers are resolved first
+    and only a session saved for all of them is used (one for exactly
+    them, else one for a cluster that holds them all).  Either way the
+    session's TLS settings are adopted, so its token goes to no server
+    outside its own set, and never in clear text if it was issued over TLS.
     """
     store = SessionStore()
-    if takeServer:
+    if takeServer and not getattr(options, "servers", None):
         try:
             session = chooseSession(
                 store.all(), options.host, options.port, options.tls, options.cafile
@@ -803,28 +857,50 @@ def useSavedSession(options: argparse.Namespace, takeServer: bool) -> Session | 
             raise Abort(
                 str(e), code=EXIT_USAGE if e.ambiguous else EXIT_SESSION
             ) from None
+        targets = [
+            m.address
+            for m in session.endpoint.members
+            if fits(m, options.host, options.port)
+        ]
     else:
         resolveOptionsTarget(options)
+        targets = targetsOf(options)
         try:
             session = chooseSession(
-                store.all(), options.host, options.port, options.tls, options.cafile
+                store.all(), None, None, options.tls, options.cafile, servers=targets
             )
-        except SessionChoiceError:
+        except SessionChoiceError as e:
+            if takeServer:
+                raise Abort(
+                    str(e), code=EXIT_USAGE if e.ambiguous else EXIT_SESSION
+                ) from None
             options.session = None
             return None
     endpoint = session.endpoint
     if endpoint.tls and endpoint.cafile is not None:
-        current = Endpoint.of(endpoint.host, endpoint.port, True, endpoint.cafile)
+        first = endpoint.members[0]
+        current = Endpoint.of(first.host, first.port, True, endpoint.cafile)
         if current.ca != endpoint.ca:
             raise Abort(
                 f"the CA file {endpoint.cafile} changed since the login to "
                 f"{endpoint.describe()}: log in again",
                 code=EXIT_SESSION,
             )
-    options.host, options.port = endpoint.host, endpoint.port
+    options.targets = targets
+    options.host, options.port = targets[0]
     options.tls, options.cafile = endpoint.tls, endpoint.cafile
     options.session = session
     return session
+
+
+def loginHint(options: argparse.Namespace) -> str:
+    """
+    The C{netlab auth login} options naming the servers of C{options}.
+    """
+    targets = targetsOf(options)
+    if len(targets) == 1:
+        return f"--host {options.host} --port {options.port}"
+    return " ".join(f"--server {showAddress(*address)}" for address in targets)
 
 
 def redact(reply: dict[str, Any]) -> dict[str, Any]:
@@ -874,6 +950,7 @@ async def runAuth(reactor: Any, options: argparse.Namespace) -> int:
     client = out.client(MessageClient)
     action = options.action
     store = SessionStore()
+    # A login through several servers is saved for all of them (a cluster).
     endpoint = endpointOf(options)
     await connectOrAbort(reactor, options, client)
     try:
@@ -961,7 +1038,7 @@ def prepareChat(options: argparse.Namespace) -> None:
         if not options.interactive:
             raise Abort(
                 f"not logged in to {endpointOf(options).describe()}: run 'netlab "
-                f"auth login --host {options.host} --port {options.port}' first",
+                f"auth login {loginHint(options)}' first",
                 code=EXIT_SESSION,
             )
         options.user = askUntilValid("Username", "", _nonEmpty)
@@ -1011,6 +1088,24 @@ def buildParser() -> argparse.ArgumentParser:
             "--port",
             type=_portArgument,
             help=f"server port (default {DEFAULT_PORTS[service]}, asked on a terminal)",
+        )
+        sub.add_argument(
+            "--server",
+            action="append",
+            type=_serversArgument,
+            metavar="HOST[:PORT]",
+            help="a server to connect to, instead of --host; repeat it (or "
+            "separate addresses with commas) for the nodes of a cluster: they "
+            "are tried in order, the next one when a connection is refused or "
+            "times out, and a login through them is saved for them all "
+            "(an address without a port takes --port, else "
+            f"{DEFAULT_PORTS[service]}; IPv6 with a port as [::1]:PORT)",
+        )
+        sub.add_argument(
+            "--shuffle",
+            action="store_true",
+            help="try the --server addresses in a random order (spreads many "
+            "clients over the nodes) instead of the order given",
         )
         sub.add_argument(
             "--quiet", "-q", action="store_true", help="do not report events"
@@ -1084,7 +1179,11 @@ def buildParser() -> argparse.ArgumentParser:
         description="An interactive chat (type /help), using the session "
         "saved for this server by 'netlab auth login' or asking for username "
         "and password.  Piped standard input: each line is said (or run, if "
-        "it is a /command) in order, all of them before the client exits.",
+        "it is a /command) in order, all of them before the client exits.  "
+        "With several --server addresses (the nodes of one cluster), a lost "
+        "connection is resumed on the next node in turn, with back-off, and "
+        "each room caught up from the last message seen: nothing missed, "
+        "nothing shown twice.",
     )
     common(chat, "chat")
     chat.add_argument("--room", "-r", help="the room to join (a-z, 0-9, _ and -)")
@@ -1094,6 +1193,13 @@ def buildParser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(run=runChat, prepare=prepareChat, quiet=True)
     return parser
+
+
+def _serversArgument(text: str) -> list[tuple[str, int | None]]:
+    try:
+        return parseServers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(sanitize(str(e))) from None
 
 
 def _portArgument(text: str) -> int:
@@ -1136,6 +1242,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             buildParser().error(
                 f"--host {sanitize(options.host)!r} is not a host name or address"
             )
+    options.servers = [a for group in options.server or [] for a in group] or None
+    if options.servers and options.host is not None:
+        buildParser().error(
+            "--host and --server do not go together: give every server with "
+            "--server HOST:PORT"
+        )
     options.session = None
     saved = _saveTerminal()
     try:
