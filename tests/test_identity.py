@@ -1,20 +1,19 @@
 """
 The identity service: name rules, address keys, and the protocol on a
-StringTransport with a chosen peer address over a real SQLite store.
+StringTransport with a chosen peer address, over an in-memory store with a
+Clock (no real reactor, no thread, no wait).
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import EventRecorder, frames, openConnection, waitFor
+from tests.helpers import frames, openConnection
+from tests.servicehelpers import Held, ServerHarness
 from tests.test_messages import replies
 from twisted_lab.codecs.message import RequestError
 from twisted_lab.services.identity import validName
-from twisted_lab.storage.sqlite import Store
-from twisted_lab.taps.identity import IdentityFactory
 from twisted_lab.transports.connection import canonicalAddress
 
 
@@ -53,46 +52,32 @@ class NameRuleTests(SynchronousTestCase):
         self.assertEqual(canonicalAddress("2001:DB8::1"), "2001:db8::1")
 
 
-class IdentityProtocolTests(TestCase):
-    async def factory(self) -> IdentityFactory:
-        store = Store(self.mktemp())
-        self.addCleanup(store.close)
-        await store.open()
-        factory = IdentityFactory(store, clock=reactor)
-        self.recorder = EventRecorder()
-        factory.log = self.recorder.logger
-        return factory
-
-    async def connect(self, factory, address):
+class IdentityProtocolTests(ServerHarness):
+    def connectFrom(self, factory, address):
         return openConnection(self, factory, address)
 
-    async def talk(self, protocol, transport, *requests: bytes, expect: int):
+    def talk(self, protocol, transport, *requests: bytes, expect: int):
         protocol.dataReceived(frames(*requests))
-        await waitFor(
-            lambda: len(replies(transport)) >= expect, what=f"{expect} replies"
-        )
-        return replies(transport)
+        got = replies(transport)
+        self.assertGreaterEqual(len(got), expect, got)
+        return got
 
-    @defer.inlineCallbacks
-    def test_askThenWelcome(self):
-        factory = yield defer.ensureDeferred(self.factory())
+    def test_askThenWelcome(self) -> None:
+        factory = self.makeIdentity()
         peer = IPv4Address("TCP", "127.0.0.2", 5000)
-        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
-        got = yield defer.ensureDeferred(
-            self.talk(
-                protocol,
-                transport,
-                b'{"type":"name","name":" Alice ","id":1}',
-                expect=2,
-            )
+        protocol, transport = self.connectFrom(factory, peer)
+        got = self.talk(
+            protocol,
+            transport,
+            b'{"type":"name","name":" Alice ","id":1}',
+            expect=2,
         )
         self.assertEqual(got[0], {"type": "ask_name"})
         self.assertEqual(
             got[1], {"type": "welcome", "name": "Alice", "visits": 1, "id": 1}
         )
         # A second connection from the same address is welcomed by name.
-        again, transport2 = yield defer.ensureDeferred(self.connect(factory, peer))
-        yield defer.ensureDeferred(waitFor(lambda: replies(transport2)))
+        again, transport2 = self.connectFrom(factory, peer)
         self.assertEqual(
             replies(transport2), [{"type": "welcome", "name": "Alice", "visits": 2}]
         )
@@ -100,47 +85,43 @@ class IdentityProtocolTests(TestCase):
         for event in ("identity_asked", "identity_stored", "identity_known"):
             self.assertIn(event, names)
 
-    @defer.inlineCallbacks
-    def test_ipv4MappedAddressIsTheSameClient(self):
-        factory = yield defer.ensureDeferred(self.factory())
-        yield factory.store.nameAddress("127.0.0.2", "Mapped", "now")
+    def test_ipv4MappedAddressIsTheSameClient(self) -> None:
+        factory = self.makeIdentity()
+        self.successResultOf(factory.store.nameAddress("127.0.0.2", "Mapped", "now"))
         peer = IPv6Address("TCP", "::ffff:127.0.0.2", 5000)
-        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
-        yield defer.ensureDeferred(waitFor(lambda: replies(transport)))
+        protocol, transport = self.connectFrom(factory, peer)
         self.assertEqual(replies(transport)[0]["name"], "Mapped")
 
-    @defer.inlineCallbacks
-    def test_requestsBeforeTheGreetingWaitForIt(self):
+    def test_requestsBeforeTheGreetingWaitForIt(self) -> None:
         """
-        A client that sends at once still gets the greeting first.
+        A client that sends at once still gets the greeting first: its
+        requests wait while the greeting's store lookup is in flight.
         """
-        factory = yield defer.ensureDeferred(self.factory())
+        factory = self.makeIdentity()
+        lookups = Held(factory.store, "visit")
         peer = IPv4Address("TCP", "127.0.0.3", 5000)
-        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
-        got = yield defer.ensureDeferred(
-            self.talk(
-                protocol, transport, b'{"type":"ping"}', b'{"type":"forget"}', expect=3
-            )
-        )
+        protocol, transport = self.connectFrom(factory, peer)
+        self.assertEqual(len(lookups.calls), 1)
+        protocol.dataReceived(frames(b'{"type":"ping"}', b'{"type":"forget"}'))
+        self.assertEqual(replies(transport), [], "nothing before the greeting")
+        lookups.release()
+        got = replies(transport)
         self.assertEqual([m["type"] for m in got], ["ask_name", "pong", "forgotten"])
 
-    @defer.inlineCallbacks
-    def test_renameForgetAndInvalid(self):
-        factory = yield defer.ensureDeferred(self.factory())
+    def test_renameForgetAndInvalid(self) -> None:
+        factory = self.makeIdentity()
         peer = IPv4Address("TCP", "127.0.0.4", 5000)
-        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
-        got = yield defer.ensureDeferred(
-            self.talk(
-                protocol,
-                transport,
-                b'{"type":"name","name":"Bob"}',
-                b'{"type":"name","name":"bad\\u0007name"}',
-                b'{"type":"name","name":"Robert"}',
-                b'{"type":"forget"}',
-                b'{"type":"name","name":""}',
-                b'{"type":"name"}',
-                expect=7,
-            )
+        protocol, transport = self.connectFrom(factory, peer)
+        got = self.talk(
+            protocol,
+            transport,
+            b'{"type":"name","name":"Bob"}',
+            b'{"type":"name","name":"bad\\u0007name"}',
+            b'{"type":"name","name":"Robert"}',
+            b'{"type":"forget"}',
+            b'{"type":"name","name":""}',
+            b'{"type":"name"}',
+            expect=7,
         )
         self.assertEqual(got[1]["name"], "Bob")
         self.assertEqual(got[2]["code"], "invalid_name")
@@ -148,19 +129,16 @@ class IdentityProtocolTests(TestCase):
         self.assertEqual(got[4], {"type": "forgotten"})
         self.assertEqual(got[5]["code"], "invalid_name")
         self.assertEqual(got[6]["code"], "bad_request")
-        self.assertIsNone((yield factory.store.visit("127.0.0.4", "now")))
+        self.assertIsNone(self.successResultOf(factory.store.visit("127.0.0.4", "now")))
 
-    @defer.inlineCallbacks
-    def test_noPersonalDataButNamesInEvents(self):
-        factory = yield defer.ensureDeferred(self.factory())
+    def test_noPersonalDataButNamesInEvents(self) -> None:
+        factory = self.makeIdentity()
         peer = IPv4Address("TCP", "127.0.0.5", 5000)
-        protocol, transport = yield defer.ensureDeferred(self.connect(factory, peer))
-        yield defer.ensureDeferred(
-            self.talk(
-                protocol,
-                transport,
-                b'{"type":"name","name":"Eve","secret":"s3cr3t"}',
-                expect=2,
-            )
+        protocol, transport = self.connectFrom(factory, peer)
+        self.talk(
+            protocol,
+            transport,
+            b'{"type":"name","name":"Eve","secret":"s3cr3t"}',
+            expect=2,
         )
         self.assertNotIn("s3cr3t", repr(self.recorder.events))

@@ -19,8 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers import connectProtocol, frames
-from tests.test_auth import run
-from tests.test_chat import ChatHarness
+from tests.servicehelpers import ServerHarness
 from tests.test_messages import SampleFactory, replies
 from twisted_lab.observe.metrics import LAG_INTERVAL, MetricsServer, ServerStats
 from twisted_lab.runtime.server import NetlabService
@@ -244,28 +243,27 @@ class ReadinessTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(whenOpened(FakeStoreService())), False)
 
 
-class ChatMetricsTests(ChatHarness):
-    @run
-    async def test_chatAuthAndStoreMetrics(self):
+class ChatMetricsTests(ServerHarness):
+    def test_chatAuthAndStoreMetrics(self) -> None:
         """
         Two members, three messages: three stored, six room deliveries
         (every member connection, the sender's too), one private delivery,
         password attempts by result, hashes and transactions timed.
         """
-        factory = await self.makeChat()
-        alice = await self.user(factory, "alice")
-        bob = await self.user(factory, "bob", host="127.0.0.3")
+        factory = self.makeChat()
+        alice = self.user(factory, "alice")
+        bob = self.user(factory, "bob", host="127.0.0.3")
         for who in (alice, bob):
-            await self.one(who, {"type": "join", "room": "lobby"})
+            self.one(who, {"type": "join", "room": "lobby"})
         for text in ("one", "two", "three"):
-            await self.one(alice, {"type": "say", "room": "lobby", "text": text})
-        await self.one(alice, {"type": "msg", "to": "bob", "text": "psst"})
+            self.one(alice, {"type": "say", "room": "lobby", "text": text})
+        self.one(alice, {"type": "msg", "to": "bob", "text": "psst"})
         wrong = self.connect(factory, "127.0.0.4")
-        reply = await self.one(
+        reply = self.one(
             wrong, {"type": "login", "username": "alice", "password": "wrong-one"}
         )
         self.assertEqual(reply["code"], "bad_credentials")
-        bad = await self.one(wrong, {"type": "resume", "token": "nonsense"})
+        bad = self.one(wrong, {"type": "resume", "token": "nonsense"})
         self.assertEqual(bad["code"], "invalid_token")
         samples = scrape(factory.stats)
         self.assertEqual(value(samples, "netlab_chat_messages_stored_total"), 3)

@@ -13,8 +13,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import EventRecorder, connectProtocol, frames, waitFor
-from tests.test_auth import AuthHarness, cheapHasher, run
+from tests.helpers import EventRecorder, connectProtocol, frames
+from tests.servicehelpers import Held, InlineHasher, ServerHarness
 from tests.test_messages import Harness, SampleFactory, replies
 from twisted_lab.codecs import events
 from twisted_lab.dispatch import MAX_CONSECUTIVE_ERRORS, MAX_QUEUED_REQUESTS
@@ -383,26 +383,22 @@ class CountingHasher:
         self.real.stop()
 
 
-class PasswordThrottleTests(AuthHarness):
-    @run
-    async def test_concurrentGuessesCountAsTheyArrive(self):
+class PasswordThrottleTests(ServerHarness):
+    def test_concurrentGuessesCountAsTheyArrive(self) -> None:
         """
         300 wrong logins for one account sent at once, over 300
         connections: 6 hashes start (5 free failures and the one that
         starts the back-off), the other 294 are refused without a hash.
         """
-        hasher = CountingHasher(cheapHasher())
-        factory = await self.makeFactory(hasher=hasher)
+        hasher = CountingHasher(InlineHasher())
+        factory = self.makeAuth(hasher=hasher)
         guesses = [self.connect(factory, "127.0.0.9") for _ in range(300)]
         for protocol, _ in guesses:
             protocol.dataReceived(
                 frames(request(type="login", username="alice", password="guess-1"))
             )
-        await waitFor(
-            lambda: sum(len(replies(t)) for _, t in guesses) == 294
-            and len(hasher.checks) == 6,
-            what="294 refusals and 6 checks",
-        )
+        self.assertEqual(sum(len(replies(t)) for _, t in guesses), 294)
+        self.assertEqual(len(hasher.checks), 6)
         refused = [m for _, t in guesses for m in replies(t)]
         self.assertEqual({m["code"] for m in refused}, {"rate_limited"})
         for check in hasher.checks:
@@ -414,57 +410,52 @@ class PasswordThrottleTests(AuthHarness):
         )
         self.assertEqual(len(hasher.checks), 6, "no hash after the refusals")
 
-    @run
-    async def test_changePasswordSharesTheThrottle(self):
+    def test_changePasswordSharesTheThrottle(self) -> None:
         """
         A wrong old password counts like a wrong login: one throttle per
         account for every request that checks a password.
         """
-        factory = await self.makeFactory()
-        connection, _ = await self.registerAndLogin(factory)
+        factory = self.makeAuth()
+        connection, _ = self.registerAndLogin(factory)
         wrongLogin = {"type": "login", "username": "alice", "password": "wrong-pw1"}
         guesser = self.connect(factory, "127.0.0.5")
-        got = await self.ask(guesser, *[wrongLogin] * 5)
+        got = self.ask(guesser, *[wrongLogin] * 5)
         self.assertEqual([m["code"] for m in got], ["bad_credentials"] * 5)
         wrongChange = {"type": "change_password", "old": "wrong-pw1", "new": "pass-two"}
-        got = await self.ask(connection, wrongChange, wrongChange)
-        self.assertEqual(
-            [m["code"] for m in got], ["bad_credentials", "rate_limited"]
-        )
-        login = await self.one(
+        got = self.ask(connection, wrongChange, wrongChange)
+        self.assertEqual([m["code"] for m in got], ["bad_credentials", "rate_limited"])
+        login = self.one(
             self.connect(factory, "127.0.0.5"),
             {"type": "login", "username": "alice", "password": "password1"},
         )
         self.assertEqual(login["code"], "rate_limited")
 
 
-class LiveSessionTests(AuthHarness):
-    @run
-    async def test_logoutReachesTheOtherConnectionsAtOnce(self):
-        factory = await self.makeFactory()
-        first, session = await self.registerAndLogin(factory)
+class LiveSessionTests(ServerHarness):
+    def test_logoutReachesTheOtherConnectionsAtOnce(self) -> None:
+        factory = self.makeAuth()
+        first, session = self.registerAndLogin(factory)
         second = self.connect(factory, "127.0.0.6")
-        resumed = await self.one(second, {"type": "resume", "token": session["token"]})
+        resumed = self.one(second, {"type": "resume", "token": session["token"]})
         self.assertEqual(resumed["type"], "session")
-        loggedOut = await self.one(first, {"type": "logout"})
+        loggedOut = self.one(first, {"type": "logout"})
         self.assertEqual(loggedOut["type"], "logged_out")
         [told] = replies(second[1])[1:]
         self.assertEqual(told["code"], "session_revoked")
         self.assertIsNone(second[0].handler.account)
-        whoami = await self.one(second, {"type": "whoami"})
+        whoami = self.one(second, {"type": "whoami"})
         self.assertEqual(whoami["code"], "not_authenticated")
 
-    @run
-    async def test_passwordChangeRevokesTheOthers(self):
-        factory = await self.makeFactory()
-        first, session = await self.registerAndLogin(factory)
-        other = await self.one(
+    def test_passwordChangeRevokesTheOthers(self) -> None:
+        factory = self.makeAuth()
+        first, session = self.registerAndLogin(factory)
+        other = self.one(
             self.connect(factory, "127.0.0.7"),
             {"type": "login", "username": "alice", "password": "password1"},
         )
         second = self.connect(factory, "127.0.0.6")
-        await self.one(second, {"type": "resume", "token": other["token"]})
-        changed = await self.one(
+        self.one(second, {"type": "resume", "token": other["token"]})
+        changed = self.one(
             first,
             {"type": "change_password", "old": "password1", "new": "password2"},
         )
@@ -472,9 +463,7 @@ class LiveSessionTests(AuthHarness):
         [told] = replies(second[1])[1:]
         self.assertEqual(told["code"], "session_revoked")
         self.assertIn("password", told["message"])
-        self.assertEqual(
-            (await self.one(first, {"type": "whoami"}))["type"], "identity"
-        )
+        self.assertEqual(self.one(first, {"type": "whoami"})["type"], "identity")
 
 
 class ReviewRegressionTests(Harness):
@@ -533,22 +522,25 @@ class ReviewRegressionTests(Harness):
         self.assertTrue(transport.disconnecting, "and it still applies")
 
 
-class LostConnectionTests(AuthHarness):
-    @run
-    async def test_aResumeThatEndsAfterTheCloseHoldsNothing(self):
+class LostConnectionTests(ServerHarness):
+    def test_aResumeThatEndsAfterTheCloseHoldsNothing(self) -> None:
         """
         A connection that closes while its resume is being checked does not
         stay behind as a holder of the session (nor, in chat, as a mind).
         """
-        factory = await self.makeFactory()
-        _, session = await self.registerAndLogin(factory)
+        factory = self.makeAuth()
+        _, session = self.registerAndLogin(factory)
+        lookups = Held(factory.store, "useSession")
         protocol, transport = self.connect(factory, "127.0.0.6")
         protocol.dataReceived(
             frames(json.dumps({"type": "resume", "token": session["token"]}).encode())
         )
         handler, dispatcher = protocol.handler, protocol.dispatcher
+        self.assertEqual(len(lookups.calls), 1, "the token is being checked")
         protocol.connectionLost()
-        await waitFor(lambda: dispatcher._busy is False, what="the resume to end")
+        self.assertIs(dispatcher._busy, True, "the resume has not ended yet")
+        lookups.release()
+        self.assertIs(dispatcher._busy, False, "the resume has ended")
         self.assertIsNone(handler.account)
         sessions = factory.service.sessions
         self.assertEqual(sessions.holders(handler.sessionDigest or b""), [])
