@@ -648,6 +648,7 @@
     if (current && current.kind === "room" && current.name === room.name) renderMembers();
     renderNav();
     updateComposer();
+    scheduleDirectory();
   }
 
   // Ask for everything after the last seq held without a hole, page by page.
@@ -693,7 +694,10 @@
   }
 
   function leaveRoom(room) {
-    request({ type: "leave", room: room.name }, { onError: (error) => errorNotice(error) });
+    request(
+      { type: "leave", room: room.name },
+      { onReply: scheduleDirectory, onError: (error) => errorNotice(error) }
+    );
     forgetRoom(room);
   }
 
@@ -772,7 +776,17 @@
     if (isCurrent(room)) renderMembers();
   }
 
+  let directoryTimer = null;
+
+  // The directory is asked again a little after joins and leaves (one
+  // request for a burst of them: `rooms` has a low rate).
+  function scheduleDirectory() {
+    clearTimeout(directoryTimer);
+    directoryTimer = setTimeout(() => inSession && refreshDirectory(), 1500);
+  }
+
   function refreshDirectory() {
+    clearTimeout(directoryTimer);
     request(
       { type: "rooms" },
       {
