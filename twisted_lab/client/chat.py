@@ -473,6 +473,8 @@ class ChatSession:
                         self.reactor, _seconds(e.reply.get("retry_after")), lambda: None
                     )
                     continue
+                if room not in self.lastSeq:
+                    break  # left meanwhile (/part)
                 messages = reply.get("messages", [])
                 for message in messages:
                     self._deliver(message)

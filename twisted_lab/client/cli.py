@@ -1228,6 +1228,20 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     Entry point of the C{netlab} command.
     """
+    options = parseOptions(argv)
+    saved = _saveTerminal()
+    try:
+        code = _main(options)
+    finally:
+        _restoreTerminal(saved)
+    raise SystemExit(code)
+
+
+def parseOptions(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """
+    The command line, checked (a usage error exits with status 2): the
+    C{--server} addresses in one list, C{servers}, in the order given.
+    """
     options = buildParser().parse_args(argv)
     options.out = Output(options.json, options.quiet)
     options.interactive = options.terminal = sys.stdin.isatty()
@@ -1249,12 +1263,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             "--server HOST:PORT"
         )
     options.session = None
-    saved = _saveTerminal()
-    try:
-        code = _main(options)
-    finally:
-        _restoreTerminal(saved)
-    raise SystemExit(code)
+    return options
 
 
 def _main(options: argparse.Namespace) -> int:
