@@ -352,3 +352,84 @@ class IThrottleBackend(Interface):
         Take one token of C{key} from bucket C{name}: fire with 0 if there
         was one, else with the seconds until there is (nothing taken).
         """
+
+
+class IPresence(Interface):
+    """
+    The presence directory of a cluster (issue 12): who is in which room
+    and which nodes hold a user's connections, across every node.  Each
+    node tells it of its own members' changes and asks it about everyone's;
+    a lone node has one in its own memory.  Changes of this node's share
+    that fail are written again later (the directory is rebuilt from the
+    nodes after a restart of its server); queries may fail while it is
+    unreachable.
+    """
+
+    node = Attribute("This node's name.")
+
+    def watch(departed: object, nodesGone: object) -> None:
+        """
+        Call C{departed(pairs)} with the (room, user) pairs that this node
+        found gone cluster-wide without a leave (a dead node reaped, a
+        resync), for this node to announce; and C{nodesGone(names)} when
+        nodes stop being alive.
+        """
+
+    def joined(room: str, user: str) -> Deferred[bool]:
+        """
+        This node now holds C{user} in C{room}; fires with whether the user
+        is new to the room cluster-wide (a join to announce).
+        """
+
+    def left(room: str, user: str) -> Deferred[bool]:
+        """
+        This node no longer holds C{user} in C{room}; fires with whether
+        the user is gone from the room cluster-wide (a leave to announce).
+        """
+
+    def attached(user: str) -> Deferred[None]:
+        """
+        C{user} has a connection on this node.
+        """
+
+    def detached(user: str) -> Deferred[None]:
+        """
+        C{user} has no connection on this node any more.
+        """
+
+    def members(room: str, limit: int) -> Deferred[tuple[int, list[str]]]:
+        """
+        Fires with (how many users are in C{room}, the first C{limit} of
+        them by name).
+        """
+
+    def rooms(limit: int) -> Deferred[list[str]]:
+        """
+        Fires with the first C{limit} names of rooms with members.
+        """
+
+    def sizes(rooms: list[str]) -> Deferred[list[int]]:
+        """
+        Fires with the number of users in each of C{rooms}.
+        """
+
+    def route(
+        user: str, rate: float, burst: float
+    ) -> Deferred[tuple[float, list[str]]]:
+        """
+        Where to deliver a private message to C{user}: fires with (seconds
+        to wait, the nodes holding the user's connections).  Unless there
+        are no such nodes, a token is taken from the user's inbox bucket
+        (C{burst} at once, C{rate} per second, cluster-wide); the seconds
+        to wait are 0 if there was one.
+        """
+
+    def start() -> None:
+        """
+        Begin the heartbeats that keep this node alive in the directory.
+        """
+
+    def stop() -> Deferred[None]:
+        """
+        Stop them, and take this node's share out of the directory.
+        """

@@ -59,3 +59,16 @@ WEBSOCKET_BINARY = "websocket_binary"
 
 # The shared throttles of a cluster (twisted_lab.services.auth).
 THROTTLES_UNAVAILABLE = "throttles_unavailable"
+
+# The chat service as several nodes (issue 12): the bus between them, each
+# room's feed, the presence directory.
+BUS_PUBLISH_FAILED = "bus_publish_failed"
+BUS_PAYLOAD_REFUSED = "bus_payload_refused"
+CLUSTER_CATCH_UP = "cluster_catch_up"
+FEED_READ_FAILED = "feed_read_failed"
+FEED_STORE_GAP = "feed_store_gap"
+NODE_GONE = "node_gone"
+NODE_REAPED = "node_reaped"
+PRESENCE_FAILED = "presence_failed"
+PRESENCE_RESUMED = "presence_resumed"
+PRESENCE_RESYNCED = "presence_resynced"

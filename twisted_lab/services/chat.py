@@ -12,6 +12,15 @@ from one server works on the other.
 A room message is broadcast only after it is committed: every message that
 arrives in one reactor turn is stored in one transaction, then broadcast in
 C{seq} order, encoded once, the same bytes written to every member.
+
+Several nodes (issue 12, C{docs/cluster.md}) share one store, a bus and a
+presence directory.  Every room a node has members in has a
+L{RoomFeed}: this node's commits and the other nodes' publications go
+through it alike, and it delivers each C{seq} once, in order, reading the
+store when it sees a gap (the database is the record, the bus a hint).
+Presence (C{who}, C{rooms}, joins and leaves) and the whereabouts of each
+user's connections (for C{msg}) are the directory's (L{IPresence}); a lone
+node keeps its own in memory, and behaves as it did before clustering.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from twisted_lab.codecs.message import (
     encodeMessage,
     rfc3339,
 )
-from twisted_lab.ports import IChatClient, IRequestChannel
+from twisted_lab.ports import HistoryRow, IChatClient, IPresence, IRequestChannel
 from twisted_lab.services.accounts import canonicalUsername
 from twisted_lab.services.auth import (
     AUTH_LIMITS,
@@ -47,8 +56,11 @@ from twisted_lab.services.auth import (
     AuthSession,
     IAccount,
 )
+from twisted_lab.services.cluster import ClusterLink
 from twisted_lab.services.context import ServerContext
 from twisted_lab.services.limits import RequestLimit, TokenBucket
+from twisted_lab.services.presence import LocalDirectory, Pair
+from twisted_lab.services.roomfeed import HeldBudget, RoomFeed
 
 DEFAULT_PORT = 9093
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
@@ -64,6 +76,13 @@ MAX_ROOMS_PER_CONNECTION = 50
 MAX_LISTED = 1000
 #: Bytes of a reply's frame kept free for its other fields.
 REPLY_SLACK = 1024
+#: Seconds after a node subscribes to a room's channel before it reads the
+#: room's store once more: what was published before the subscription took
+#: effect on the bus server (a round trip) is found there.
+SUBSCRIBE_SETTLE = 0.5
+#: Catch-up reads of the store running at once (a bus reconnection makes
+#: every room of the node read).
+CONCURRENT_READS = 4
 
 #: The rate of each request kind (docs/protocol.md, "Limits"): joins and
 #: leaves (which others see as presence) share one bucket; room and
@@ -104,17 +123,25 @@ def validText(text: str) -> str:
 
 class Room:
     """
-    One room: who is in it (users, each with their connections) and the
-    last C{seq} committed and seen here (the store numbers messages).
+    One room as this node holds it: its members here (users, each with
+    their connections) and its feed (what was delivered to them).
     """
 
-    def __init__(self, name: str, lastSeq: int) -> None:
+    feed: RoomFeed
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.lastSeq = lastSeq
         self.members: dict[str, set[IChatClient]] = {}
         #: Messages posted and not yet committed (or failed): the room is
         #: not forgotten while there are any (their broadcast needs it).
         self.pending = 0
+
+    @property
+    def lastSeq(self) -> int:
+        """
+        The last C{seq} delivered to the members here.
+        """
+        return self.feed.delivered
 
     def connections(self) -> list[IChatClient]:
         """
@@ -244,11 +271,14 @@ class ChatSession(AuthSession):
             )
         room = await service.room(name)
         if self.account is not user:
+            service.forgetIfUnused(room)
             raise RequestError(ErrorCode.NOT_AUTHENTICATED, "logged out meanwhile")
-        room = service.join(room, user, self)
+        room, announced = service.join(room, user, self)
         lastSeq = room.lastSeq
+        await announced
         rows = await self.service.store.recentHistory(room.name, HISTORY_ON_JOIN)
-        members, moreMembers = _listed(sorted(room.members))
+        count, members = await service.roomMembers(room.name)
+        moreMembers = count > len(members)
         budget = self.context.maxLength - REPLY_SLACK - sum(len(m) + 3 for m in members)
         history, moreHistory = _fitting(room.name, rows, budget, newest=True)
         reply: Message = {
@@ -284,32 +314,24 @@ class ChatSession(AuthSession):
         await service.post(service.rooms[name], user.username, text)
         return None
 
-    def request_msg(self, message: Message) -> Message:
+    async def request_msg(self, message: Message) -> Message:
         user = self.chatUser()
         text = validText(message["text"])
         try:
             to = canonicalUsername(message["to"])
         except RequestError:
             to = ""
-        target = self.service.users.get(to)
-        if target is None or not target.minds:
+        service = self.service
+        wait, nodes = await service.route(to) if to else (0.0, [])
+        if not nodes:
             raise RequestError(ErrorCode.NO_SUCH_USER, "no such user is online")
-        wait = self.service.inbox.take(to)
         if wait:
             raise self.rateLimited(wait, f"private messages to {to}")
-        outgoing = Outgoing(
-            {
-                "type": "private",
-                "from": user.username,
-                "text": text,
-                "ts": rfc3339(self.context.now()),
-            }
+        service.sendPrivate(
+            to,
+            nodes,
+            {"from": user.username, "text": text, "ts": rfc3339(self.context.now())},
         )
-        minds = list(target.minds)
-        for mind in minds:
-            mind.privateMessage(outgoing)
-        stats = self.context.stats
-        stats.deliveries["private"] += len(minds)
         if self.context.logBudget.admit(events.PRIVATE_SENT):
             self.log.info(
                 "{user} sent a private message to {to}",
@@ -336,30 +358,27 @@ class ChatSession(AuthSession):
             reply["more"] = True
         return reply
 
-    def request_who(self, message: Message) -> Message:
+    async def request_who(self, message: Message) -> Message:
         self.chatUser()
         name = validRoom(message["room"])
-        room = self.service.rooms.get(name)
-        members, more = _listed(sorted(room.members) if room is not None else [])
+        count, members = await self.service.roomMembers(name)
         reply: Message = {"type": "members", "room": name, "members": members}
-        if more:
+        if count > len(members):
             reply["more"] = True
         return reply
 
     async def request_rooms(self, message: Message) -> Message:
         self.chatUser()
-        names = set(await self.service.store.roomsWithHistory(MAX_LISTED))
-        rooms = self.service.rooms
-        names.update(name for name, room in rooms.items() if room.members)
+        service = self.service
+        names = set(await service.store.roomsWithHistory(MAX_LISTED))
+        names.update(await service.roomsWithMembers())
         listed, more = _listed(sorted(names))
+        sizes = await service.roomSizes(listed)
         reply: Message = {
             "type": "rooms",
             "rooms": [
-                {
-                    "room": name,
-                    "members": len(rooms[name].members) if name in rooms else 0,
-                }
-                for name in listed
+                {"room": name, "members": size}
+                for name, size in zip(listed, sizes, strict=True)
             ],
         }
         if more:
@@ -416,6 +435,11 @@ class ChatService(AuthService):
     The auth service plus rooms, online users, the group commit and
     fan-out.  Its members are L{IChatClient}s: it tells them what happened
     and never knows how it reaches them.
+
+    @param presence: the cluster's presence directory, this node's view
+        of it; with one, the service publishes on and hears from its bus
+        (C{bus}, required then).  Without, the node is alone: its directory
+        is in its own memory and nothing is published.
     """
 
     sessionClass = ChatSession
@@ -428,6 +452,7 @@ class ChatService(AuthService):
         *,
         messageRate: float = DEFAULT_MESSAGE_RATE,
         messageBurst: int = DEFAULT_MESSAGE_BURST,
+        presence: IPresence | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(store, hasher, context, **settings)
@@ -443,10 +468,27 @@ class ChatService(AuthService):
         messages = RequestLimit(messageRate, messageBurst, bucket="messages")
         context.requestLimits["say"] = context.requestLimits["msg"] = messages
         #: However many senders there are, one user receives private
-        #: messages no faster than a few members' worth of messages.
+        #: messages no faster than a few members' worth of messages (in a
+        #: cluster, the directory keeps this bucket for all nodes).
         self.inbox = TokenBucket(
             self.clock, burst=4 * messageBurst, rate=4 * messageRate
         )
+        if not self.node:
+            self.node = f"chat-{id(self):x}"
+        #: Out-of-order messages held by all rooms' feeds, together.
+        self.heldBudget = HeldBudget()
+        self._reads = defer.DeferredSemaphore(CONCURRENT_READS)
+        self.link: ClusterLink | None = None
+        if presence is None:
+            presence = LocalDirectory(self.clock).presence(self.node)
+        else:
+            if self.bus is None:
+                raise TypeError("a chat node in a cluster needs its bus")
+            self.link = ClusterLink(
+                self.bus, self.node, self.clock, self, admit=self._admit
+            )
+        self.presence: IPresence = presence
+        presence.watch(self._departed, self._nodesGone)
         if context.stats is not None:
             context.stats.enableChat()
 
@@ -458,8 +500,34 @@ class ChatService(AuthService):
     def stats(self) -> Any:
         return self.context.stats
 
+    def _admit(self, event: str) -> bool:
+        return self.context.logBudget.admit(event)
+
     def makeRealm(self) -> Any:
         return ChatRealm(self)
+
+    # -- the cluster: start and stop (the wiring calls these) -------------------
+
+    def startCluster(self) -> None:
+        """
+        Begin the presence heartbeats (after the bus has started).
+        """
+        self.presence.start()
+
+    def stopCluster(self) -> defer.Deferred[None]:
+        """
+        Leave the cluster: this node's members leave the directory (their
+        leaves are announced to the other nodes), then nothing more is
+        published or heard.  Local delivery carries on while the server
+        closes its connections.
+        """
+        stopping = self.presence.stop()
+
+        def closeLink(_: object) -> None:
+            if self.link is not None:
+                self.link.close()
+
+        return stopping.addBoth(closeLink)
 
     # -- users ------------------------------------------------------------------
 
@@ -467,6 +535,8 @@ class ChatService(AuthService):
         user = self.users.get(username)
         if user is None:
             user = self.users[username] = ChatUser(username)
+        if not user.minds:
+            self._tell(self.presence.attached(username))
         user.minds.add(mind)
         return user
 
@@ -476,6 +546,24 @@ class ChatService(AuthService):
         user.minds.discard(mind)
         if not user.minds and self.users.get(user.username) is user:
             del self.users[user.username]
+            self._tell(self.presence.detached(user.username))
+
+    def _tell(self, change: defer.Deferred[Any]) -> None:
+        """
+        A change of this node's presence, not waited for: a failure is
+        logged (the directory writes the node's share again later).
+        """
+        change.addErrback(self._presenceFailed, "update the presence directory")
+
+    def _presenceFailed(self, failure: Any, what: str) -> None:
+        if self._admit(events.PRESENCE_FAILED):
+            self.log.warn(
+                "node {node}: cannot {what} ({reason}); answering from this node alone",
+                event=events.PRESENCE_FAILED,
+                node=self.node,
+                what=what,
+                reason=failure.getErrorMessage(),
+            )
 
     # -- rooms ------------------------------------------------------------------
 
@@ -492,46 +580,84 @@ class ChatService(AuthService):
         return await _share(loading)
 
     async def _load(self, name: str) -> Room:
+        if self.link is not None:
+            # Subscribed before the last seq is read: what is published
+            # from now on is heard; what was published before is in the
+            # store, read at once, or after SUBSCRIBE_SETTLE.
+            self.link.watchRoom(name)
         try:
             lastSeq = await self.store.lastSeq(name)
+        except BaseException:
+            if self.link is not None and name not in self.rooms:
+                self.link.unwatchRoom(name)
+            raise
         finally:
             self._loading.pop(name, None)
-        room = self.rooms.setdefault(name, Room(name, lastSeq))
+        room = self.rooms.get(name)
+        if room is None:
+            room = self._newRoom(name, lastSeq)
         return room
 
-    def join(self, room: Room, user: ChatUser, mind: IChatClient) -> Room:
+    def _newRoom(self, name: str, lastSeq: int) -> Room:
+        room = self.rooms[name] = Room(name)
+        room.feed = RoomFeed(
+            name,
+            lastSeq,
+            clock=self.clock,
+            fetch=self._read,
+            deliver=lambda rows: self._deliverRoom(room, rows),
+            budget=self.heldBudget,
+        )
+        if self.link is not None:
+            self.link.watchRoom(name)
+            room.feed.catchUpLater(SUBSCRIBE_SETTLE)
+        return room
+
+    def _read(self, room: str, after: int, limit: int) -> Any:
+        return self._reads.run(self.store.history, room, after, limit)
+
+    def join(
+        self, room: Room, user: ChatUser, mind: IChatClient
+    ) -> tuple[Room, defer.Deferred[None]]:
         """
-        Add a connection to the room; the room joined (the one the service
-        holds under that name, should C{room} have been forgotten while the
-        caller waited).
+        Add a connection to the room.  Returns the room joined (the one the
+        service holds under that name, should C{room} have been forgotten
+        while the caller waited) and a Deferred that fires once the
+        directory has answered (and a join, if it is news, announced).
         """
-        room = self.rooms.setdefault(room.name, room)
+        held = self.rooms.get(room.name)
+        if held is None:
+            held = self._newRoom(room.name, room.feed.delivered)
+        room = held
         connections = room.members.setdefault(user.username, set())
         newcomer = not connections
         connections.add(mind)
         mind.joined.add(room.name)
-        if newcomer:
-            self.log.info(
-                "{user} joined {room}",
-                event=events.ROOM_JOINED,
-                user=user.username,
-                room=room.name,
-            )
-            self.broadcast(
-                room,
-                {
-                    "type": "presence",
-                    "room": room.name,
-                    "user": user.username,
-                    "event": "join",
-                },
-                exclude=mind,
-            )
-        return room
+        if not newcomer:
+            return room, defer.succeed(None)
+        self.log.info(
+            "{user} joined {room}",
+            event=events.ROOM_JOINED,
+            user=user.username,
+            room=room.name,
+        )
+        name, username = room.name, user.username
+
+        def answered(new: bool) -> None:
+            if new:
+                self._announce(name, username, "join", exclude=mind)
+
+        def failed(failure: Any) -> None:
+            self._presenceFailed(failure, "record a join")
+            self._announce(name, username, "join", exclude=mind, local=True)
+
+        announcing = self.presence.joined(name, username)
+        return room, announcing.addCallbacks(answered, failed)
 
     def leave(self, room: Room, user: ChatUser, mind: IChatClient) -> bool:
         """
-        Remove a connection; True if the user is no longer in the room.
+        Remove a connection; True if the user is no longer in the room
+        (here: the directory says whether it is everywhere).
         """
         mind.joined.discard(room.name)
         connections = room.members.get(user.username)
@@ -541,38 +667,198 @@ class ChatService(AuthService):
         if connections:
             return False
         del room.members[user.username]
-        self._forgetIfUnused(room)
         self.log.info(
             "{user} left {room}",
             event=events.ROOM_LEFT,
             user=user.username,
             room=room.name,
         )
-        self.broadcast(
-            room,
-            {
-                "type": "presence",
-                "room": room.name,
-                "user": user.username,
-                "event": "leave",
-            },
-        )
+        name, username = room.name, user.username
+
+        def answered(gone: bool) -> None:
+            if gone:
+                self._announce(name, username, "leave")
+
+        def failed(failure: Any) -> None:
+            self._presenceFailed(failure, "record a leave")
+            self._announce(name, username, "leave", local=True)
+
+        self.presence.left(name, username).addCallbacks(answered, failed)
+        self.forgetIfUnused(room)
         return True
 
-    # -- messages ---------------------------------------------------------------
+    def _announce(
+        self,
+        room: str,
+        user: str,
+        event: str,
+        exclude: IChatClient | None = None,
+        local: bool = False,
+    ) -> None:
+        """
+        Tell the members of C{room}, here and (unless C{local}) on the
+        other nodes, that C{user} joined or left.
+        """
+        held = self.rooms.get(room)
+        if held is not None:
+            self.broadcast(
+                held,
+                {"type": "presence", "room": room, "user": user, "event": event},
+                exclude=exclude,
+            )
+        if self.link is not None and not local:
+            self.link.publishPresence(room, user, event)
 
-    def _forgetIfUnused(self, room: Room) -> None:
+    def forgetIfUnused(self, room: Room) -> None:
         """
         Drop a room with no members and nothing in flight from memory (its
-        seq is in the store), so rooms do not pile up.
+        seq is in the store), so rooms do not pile up; stop hearing it.
         """
         if not room.members and not room.pending and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            room.feed.close()
+            if self.link is not None:
+                self.link.unwatchRoom(room.name)
+
+    async def roomMembers(self, name: str) -> tuple[int, list[str]]:
+        """
+        How many users are in room C{name}, cluster-wide, and the first
+        L{MAX_LISTED} of them (this node's alone if the directory cannot
+        be reached).
+        """
+        try:
+            return await self.presence.members(name, MAX_LISTED)
+        except Exception as e:  # noqa: BLE001 (the directory is a service)
+            self._presenceFailed(Failure(e), "list the members of a room")
+        room = self.rooms.get(name)
+        names = sorted(room.members) if room is not None else []
+        return len(names), names[:MAX_LISTED]
+
+    async def roomsWithMembers(self) -> list[str]:
+        try:
+            return await self.presence.rooms(MAX_LISTED)
+        except Exception as e:  # noqa: BLE001
+            self._presenceFailed(Failure(e), "list the rooms")
+        return [name for name, room in self.rooms.items() if room.members]
+
+    async def roomSizes(self, names: list[str]) -> list[int]:
+        try:
+            return await self.presence.sizes(names)
+        except Exception as e:  # noqa: BLE001
+            self._presenceFailed(Failure(e), "count the members of rooms")
+        rooms = self.rooms
+        return [len(rooms[n].members) if n in rooms else 0 for n in names]
+
+    # -- private messages --------------------------------------------------------
+
+    async def route(self, to: str) -> tuple[float, list[str]]:
+        """
+        The seconds to wait (inbox full) and the nodes holding user C{to}'s
+        connections.  If the directory cannot be reached, only a user
+        connected here can be reached.
+        """
+        inbox = self.inbox
+        try:
+            return await self.presence.route(to, inbox.rate, inbox.burst)
+        except Exception as e:  # noqa: BLE001
+            self._presenceFailed(Failure(e), "find a user's nodes")
+        target = self.users.get(to)
+        if target is not None and target.minds:
+            return inbox.take(to), [self.node]
+        raise RequestError(
+            ErrorCode.INTERNAL_ERROR,
+            "the other chat nodes cannot be reached now; try again",
+        )
+
+    def sendPrivate(self, to: str, nodes: list[str], message: dict[str, Any]) -> None:
+        """
+        Deliver a private message to the connections of C{to} here, and
+        send it to the other nodes that hold some.
+        """
+        for node in nodes:
+            if node == self.node:
+                self.heardPrivate(to, message)
+            elif self.link is not None:
+                self.link.sendPrivate(node, {"to": to, **message})
+
+    # -- what the other nodes say (ClusterListener) ---------------------------------
+
+    def heardMessages(self, room: str, rows: list[HistoryRow]) -> None:
+        held = self.rooms.get(room)
+        if held is not None:
+            held.feed.offer(rows)
+
+    def heardPosition(self, room: str, seq: int) -> None:
+        held = self.rooms.get(room)
+        if held is not None:
+            held.feed.heard(seq)
+
+    def heardPresence(self, room: str, user: str, event: str) -> None:
+        held = self.rooms.get(room)
+        if held is not None:
+            self.broadcast(
+                held, {"type": "presence", "room": room, "user": user, "event": event}
+            )
+
+    def heardPrivate(self, to: str, message: dict[str, Any]) -> None:
+        target = self.users.get(to)
+        if target is None:
+            return  # gone meanwhile: as if it had left a moment earlier
+        outgoing = Outgoing({"type": "private", **message})
+        minds = list(target.minds)
+        for mind in minds:
+            mind.privateMessage(outgoing)
+        self.stats.deliveries["private"] += len(minds)
+
+    def busReconnected(self) -> None:
+        """
+        Publications may have been lost while the bus was away: every room
+        reads the store.
+        """
+        self._catchUpAll("the bus reconnected")
+
+    def _nodesGone(self, nodes: set[str]) -> None:
+        """
+        Nodes stopped being alive: one may have committed messages it never
+        published, so every room reads the store.
+        """
+        for node in sorted(nodes):
+            self.log.warn(
+                "node {node} is gone",
+                event=events.NODE_GONE,
+                node=node,
+                by=self.node,
+            )
+        self._catchUpAll(f"node {', '.join(sorted(nodes))} is gone")
+
+    def _catchUpAll(self, why: str) -> None:
+        self.log.info(
+            "node {node}: {rooms} room(s) catch up from the store ({why})",
+            event=events.CLUSTER_CATCH_UP,
+            node=self.node,
+            rooms=len(self.rooms),
+            why=why,
+        )
+        for room in list(self.rooms.values()):
+            room.feed.catchUp()
+
+    def _departed(self, pairs: list[Pair]) -> None:
+        """
+        Users found gone from rooms without a leave (their node died, or a
+        resync): announce their leaves.
+        """
+        for room, user in pairs:
+            held = self.rooms.get(room)
+            if held is not None and user in held.members:
+                continue  # back here meanwhile
+            self._announce(room, user, "leave")
+
+    # -- messages ---------------------------------------------------------------
 
     def post(self, room: Room, sender: str, text: str) -> defer.Deferred[None]:
         """
         Queue a message for the next group commit; fires once it is
-        committed and broadcast.
+        committed (and, unless the room is catching up, delivered).
         """
         done: defer.Deferred[None] = defer.Deferred()
         room.pending += 1
@@ -599,38 +885,26 @@ class ChatService(AuthService):
 
         def stored(outcome: tuple[list[int], float]) -> None:
             seqs, committedAt = outcome
-            messages = []
-            for (room, sender, text, done), seq in zip(batch, seqs, strict=True):
-                room.lastSeq = max(room.lastSeq, seq)
-                message = {
-                    "type": "message",
-                    "room": room.name,
-                    "from": sender,
-                    "text": text,
-                    "ts": now,
-                    "seq": seq,
-                }
-                messages.append((room, message, done))
-            # One delivery per member per room for the whole batch, in seq
-            # order: each message encoded once per wire format for all.
-            byRoom: dict[str, tuple[Room, list[Message]]] = {}
-            for room, message, _ in messages:
-                byRoom.setdefault(room.name, (room, []))[1].append(message)
+            byRoom: dict[str, tuple[Room, list[HistoryRow]]] = {}
+            for (room, sender, text, _), seq in zip(batch, seqs, strict=True):
+                byRoom.setdefault(room.name, (room, []))[1].append(
+                    (seq, sender, text, now)
+                )
             stats = self.stats
-            stats.chatMessagesStored += len(messages)
-            for room, roomMessages in byRoom.values():
-                outgoing = Outgoing(*roomMessages)
-                members = 0
-                for client in room.connections():
-                    client.roomMessages(room.name, outgoing)
-                    members += 1
-                stats.deliveries["room"] += members * len(roomMessages)
+            stats.chatMessagesStored += len(batch)
+            for room, roomRows in byRoom.values():
+                # One delivery per member per room for the whole batch, in
+                # seq order, through the feed that also takes the other
+                # nodes' messages: one rule for the order.
+                room.feed.offer(roomRows)
+                if self.link is not None:
+                    self.link.publishMessages(room.name, roomRows)
                 seconds = stats.deliverySeconds
                 if seconds is not None:
                     seconds.observe(time.monotonic() - committedAt)
-            for _, _, done in messages:
+            for _, _, _, done in batch:
                 done.callback(None)
-            self._logStored(messages)
+            self._logStored(byRoom)
 
         def failed(failure: Any) -> None:
             # Nothing was committed, and nothing was numbered.
@@ -640,7 +914,7 @@ class ChatService(AuthService):
         def finished(_: object) -> None:
             for room, _sender, _text, _done in batch:
                 room.pending -= 1
-                self._forgetIfUnused(room)
+                self.forgetIfUnused(room)
             self._flushing = False
             if self._batch:
                 self._scheduleFlush()
@@ -648,18 +922,27 @@ class ChatService(AuthService):
         d.addCallbacks(stored, failed)
         d.addBoth(finished)
 
-    def _logStored(self, messages: list[tuple[Room, Message, Any]]) -> None:
-        byRoom: dict[str, list[int]] = {}
-        for room, message, _ in messages:
-            byRoom.setdefault(room.name, []).append(message["seq"])
-        for name, seqs in byRoom.items():
+    def _deliverRoom(self, room: Room, rows: list[HistoryRow]) -> None:
+        """
+        Committed messages of C{room}, in seq order, each once (the feed's
+        word): to every member connection here, encoded once for all.
+        """
+        outgoing = Outgoing(*(_message(room.name, row) for row in rows))
+        members = 0
+        for client in room.connections():
+            client.roomMessages(room.name, outgoing)
+            members += 1
+        self.stats.deliveries["room"] += members * len(rows)
+
+    def _logStored(self, byRoom: dict[str, tuple[Room, list[HistoryRow]]]) -> None:
+        for name, (_, rows) in byRoom.items():
             self.log.info(
                 "stored {count} message(s) in {room} (seq {first}-{last})",
                 event=events.MESSAGE_STORED,
                 room=name,
-                count=len(seqs),
-                first=seqs[0],
-                last=seqs[-1],
+                count=len(rows),
+                first=rows[0][0],
+                last=rows[-1][0],
             )
 
     def broadcast(
