@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -32,6 +33,7 @@ from zope.interface import directlyProvides
 from zope.interface.verify import verifyObject
 
 from tests.helpers import REPO, EventRecorder
+from tests.servicehelpers import PASSWORD, ServerHarness
 from twisted_lab.codecs import events
 from twisted_lab.codecs.message import Outgoing
 from twisted_lab.ports import IRequestChannel
@@ -48,6 +50,7 @@ from twisted_lab.transports.web import (
     WebSocketChannel,
     loadStaticFiles,
     normalizeOrigin,
+    serviceDispatchers,
     webService,
 )
 
@@ -956,3 +959,125 @@ class ListenerTests(TestCase):
         endpoint = WebSocketClientEndpoint.new(reactor, url, **kw)
         await endpoint.connect(ClientFactory())
         return json.loads(await received)
+
+
+# -- the real chat service behind the socket ---------------------------------------
+
+
+class ChatOverWebSocketTests(ServerHarness):
+    """
+    The chat service (on a MemoryStore and a Clock) answering WebSockets
+    and Int32 connections at once: one service, one set of rules.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory = self.makeChat(messageBurst=3)
+        self.dispatchers: list[Any] = []
+        make = serviceDispatchers(self.factory)
+
+        def record(channel: Any) -> Any:
+            dispatcher = make(channel)
+            self.dispatchers.append(dispatcher)
+            return dispatcher
+
+        self.web = WebFactory(self.factory, record, OriginPolicy(), self.clock)
+
+    def browser(self, host: str = "127.0.0.5") -> Browser:
+        address = IPv4Address("TCP", host, 50000)
+        connection = self.web.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        connection.makeConnection(transport)
+        self.addCleanup(
+            lambda: connection.lost or connection.connectionLost(connectionDone)
+        )
+        browser = Browser(self, connection, transport)  # type: ignore[arg-type]
+        self.assertIsInstance(browser.upgrade(), AcceptConnection)
+        return browser
+
+    def call(self, browser: Browser, *requests: dict[str, Any]) -> list[dict]:
+        for request in requests:
+            browser.send(json.dumps(request))
+        self.flush()
+        return browser.messages()
+
+    def test_aBrowserAndATerminalInOneRoom(self) -> None:
+        carol = self.user(self.factory, "carol")
+        self.one(carol, {"type": "join", "room": "lobby"})
+        alice = self.browser()
+        got = self.call(
+            alice,
+            {"type": "register", "username": "alice", "password": PASSWORD, "id": 1},
+            {"type": "login", "username": "alice", "password": PASSWORD, "id": 2},
+            {"type": "join", "room": "lobby", "id": 3},
+        )
+        self.assertEqual([m["type"] for m in got], ["registered", "session", "joined"])
+        self.assertEqual([m["id"] for m in got], [1, 2, 3])
+        self.assertEqual(got[2]["members"], ["alice", "carol"])
+        [presence] = self.received(carol, "presence")
+        self.assertEqual((presence["user"], presence["event"]), ("alice", "join"))
+
+        self.call(alice, {"type": "say", "room": "lobby", "text": "from the web"})
+        self.send(carol, {"type": "say", "room": "lobby", "text": "from a terminal"})
+        self.flush()
+        fromWeb = [m for m in alice.events if isinstance(m, TextMessage)]
+        web = [json.loads(m.data) for m in fromWeb] + alice.messages()
+        inBrowser = [
+            (m["seq"], m["from"], m["text"]) for m in web if m["type"] == "message"
+        ]
+        inTerminal = [
+            (m["seq"], m["from"], m["text"]) for m in self.received(carol, "message")
+        ]
+        self.assertEqual(
+            inBrowser, [(1, "alice", "from the web"), (2, "carol", "from a terminal")]
+        )
+        self.assertEqual(inTerminal, inBrowser)
+
+        # Private messages both ways; errors are the same JSON.
+        got = self.call(alice, {"type": "msg", "to": "carol", "text": "hi", "id": 4})
+        self.assertEqual(got, [{"type": "sent", "to": "carol", "id": 4}])
+        [private] = self.received(carol, "private")
+        self.assertEqual((private["from"], private["text"]), ("alice", "hi"))
+        got = self.call(alice, {"type": "msg", "to": "nobody", "text": "hi", "id": 5})
+        self.assertEqual((got[0]["code"], got[0]["id"]), ("no_such_user", 5))
+        alice.send("not json")
+        alice.send('{"type":"dance","id":6}')
+        got = alice.messages()
+        self.assertEqual([m["code"] for m in got], ["bad_request", "unknown_type"])
+
+    def test_oneUserOneBucketOnBothTransports(self) -> None:
+        terminal = self.user(self.factory, "alice")
+        self.one(terminal, {"type": "join", "room": "lobby"})
+        web = self.browser()
+        got = self.call(
+            web,
+            {"type": "resume", "token": self.tokens["alice"], "id": 1},
+            {"type": "join", "room": "lobby", "id": 2},
+        )
+        self.assertEqual([m["type"] for m in got], ["session", "joined"])
+        self.send(terminal, *[{"type": "say", "room": "lobby", "text": "t"}] * 2)
+        got = self.call(
+            web,
+            {"type": "say", "room": "lobby", "text": "w", "id": 3},
+            {"type": "say", "room": "lobby", "text": "w", "id": 4},
+        )
+        errors = [m for m in got if m["type"] == "error"]
+        self.assertEqual([(e["code"], e["id"]) for e in errors], [("rate_limited", 4)])
+
+    def test_aSessionEndedElsewhereReachesTheBrowser(self) -> None:
+        self.user(self.factory, "alice")
+        web = self.browser()
+        self.call(web, {"type": "resume", "token": self.tokens["alice"]})
+        other = self.login(self.factory, "alice")
+        self.one(other, {"type": "logout"})
+        self.clock.advance(2)
+        got = web.messages()
+        self.assertEqual([m.get("code") for m in got], ["session_revoked"])
+
+    def test_connectionsCountOnTheChatServer(self) -> None:
+        web = self.browser()
+        self.assertIn(web.connection, self.factory.connections)
+        self.assertEqual(self.factory.perAddress["127.0.0.5"], 1)
+        web.connection.connectionLost(connectionDone)
+        self.assertNotIn(web.connection, self.factory.connections)
+        self.assertEqual(self.factory.perAddress.get("127.0.0.5"), None)
