@@ -59,7 +59,6 @@ the pool is made (or the one given as C{reactor}).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -67,10 +66,10 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from twisted.enterprise import adbapi
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_lab.ports import IStore
+from twisted_lab.storage.pooled import Engine, PooledStore
 
 T = TypeVar("T")
 
@@ -342,6 +341,12 @@ def _inTransaction(
     args: Sequence[Any],
     kwargs: dict[str, Any],
 ) -> T:
+    """
+    The L{twisted_lab.storage.pooled.TransactionRunner} of PostgreSQL: one
+    READ COMMITTED transaction, its cursor a psycopg cursor (C{%s}
+    parameters).  Work that reads a row and then writes on what it read
+    locks it (C{SELECT ... FOR UPDATE}), as this module's functions do.
+    """
     cursor = _begin(connection)
     try:
         result = work(cursor, *args, **kwargs)
@@ -356,310 +361,6 @@ def _inTransaction(
     finally:
         cursor.close()
     return result
-
-
-def _timedTransaction(
-    connection: Any,
-    work: Callable[..., T],
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-) -> tuple[T, float, float]:
-    started = time.monotonic()
-    result = _inTransaction(connection, work, args, kwargs)
-    return result, started, time.monotonic()
-
-
-@implementer(IStore)
-class PostgresStore:
-    """
-    A PostgreSQL database, reached only through Deferreds.
-
-    Construct it with a C{postgresql://user:password@host:port/dbname} URL,
-    C{store.prepare()} once at start (blocking), C{yield store.open()}, use
-    it, C{store.close()}.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        url: str,
-        migrations: Sequence[tuple[int, Sequence[str]]] = MIGRATIONS,
-        reactor: Any = None,
-        poolMin: int = POOL_MIN,
-        poolMax: int = POOL_MAX,
-    ) -> None:
-        if not isPostgresURL(url):
-            raise ValueError("a PostgreSQL URL starts with postgresql://")
-        self._url = url
-        #: Where the database is, without its password (for logs).
-        self.path = redactURL(url)
-        self.migrations = migrations
-        self._reactor = reactor
-        self._poolMin = poolMin
-        self._poolMax = poolMax
-        self.pool: adbapi.ConnectionPool | None = None
-        self.version = 0
-        #: Called (on the reactor thread) with the seconds each committed
-        #: transaction took in the database thread (for --metrics).
-        self.onTransaction: Callable[[float], object] | None = None
-        #: The time.monotonic() at which the last transaction committed.
-        self.lastCommit = 0.0
-
-    def __repr__(self) -> str:
-        return f"<PostgresStore {self.path}>"
-
-    def _connectOptions(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"autocommit": True}
-        if "connect_timeout=" not in self._url:
-            options["connect_timeout"] = CONNECT_TIMEOUT
-        if "application_name=" not in self._url:
-            options["application_name"] = "netlab"
-        return options
-
-    def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
-        reason = _scrub(str(error).strip(), self._url) or type(error).__name__
-        return DatabaseUnavailable(
-            f"cannot use the PostgreSQL database {self.path}: {reason}"
-        )
-
-    def prepare(self) -> None:
-        """
-        Connect and migrate now, blocking: called once as the server
-        starts, before the reactor runs, so a database that cannot be
-        reached or has a newer schema stops the start with a clear error
-        (a L{RuntimeError}) instead of failing every request later.
-        """
-        try:
-            connection = psycopg.connect(self._url, **self._connectOptions())
-        except psycopg.Error as e:
-            raise self._unavailable(e) from None
-        try:
-            _inTransaction(connection, applyMigrations, (self.migrations,), {})
-        except psycopg.Error as e:
-            raise self._unavailable(e) from None
-        finally:
-            connection.close()
-
-    async def open(self) -> PostgresStore:
-        """
-        Start the pool and migrate the database (if L{prepare} has not).
-        """
-        extra: dict[str, Any] = {}
-        if self._reactor is not None:
-            extra["cp_reactor"] = self._reactor
-        self.pool = adbapi.ConnectionPool(
-            "psycopg",
-            conninfo=self._url,
-            cp_min=self._poolMin,
-            cp_max=self._poolMax,
-            cp_reconnect=True,
-            cp_noisy=False,
-            **self._connectOptions(),
-            **extra,
-        )
-        self.pool.connectionFactory = _Connection
-        self.pool.start()
-        try:
-            self.version = await self.transaction(applyMigrations, self.migrations)
-        except psycopg.Error as e:
-            self.close()
-            raise self._unavailable(e) from None
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        """
-        Finish the queued work and close the connections.
-        """
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
-    def transaction(
-        self, work: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> defer.Deferred[T]:
-        """
-        Run C{work(cursor, *args, **kwargs)} in a pool thread inside one
-        READ COMMITTED transaction (rolled back if it raises); C{cursor} is
-        a psycopg cursor (C{%s} parameters).  The result fires after the
-        commit.  Work that reads a row and then writes on what it read
-        locks it (C{SELECT ... FOR UPDATE}), as the methods here do.
-        """
-        if self.pool is None:
-            return defer.fail(RuntimeError("the store is not open"))
-        d = self.pool.runWithConnection(_timedTransaction, work, args, kwargs)
-        return d.addCallback(self._committed)
-
-    def _committed(self, outcome: tuple[T, float, float]) -> T:
-        result, started, committed = outcome
-        self.lastCommit = committed
-        if self.onTransaction is not None:
-            self.onTransaction(committed - started)
-        return result
-
-    # -- identities -----------------------------------------------------------
-
-    def visit(self, address: str, now: str) -> defer.Deferred[tuple[str, int] | None]:
-        """
-        A connection from C{address}: if it is known, count the visit and
-        return (name, visits); else L{None}.
-        """
-        return self.transaction(_visit, address, now)
-
-    def nameAddress(self, address: str, name: str, now: str) -> defer.Deferred[int]:
-        """
-        Store (or change) the name of C{address}; its visit count.
-        """
-        return self.transaction(_nameAddress, address, name, now)
-
-    def forgetAddress(self, address: str) -> defer.Deferred[bool]:
-        """
-        Forget C{address}; whether it was known.
-        """
-        return self.transaction(_forgetAddress, address)
-
-    # -- accounts and sessions --------------------------------------------------
-
-    def createAccount(
-        self, username: str, passwordHash: str, now: float
-    ) -> defer.Deferred[bool]:
-        """
-        Create an account; False if the username is taken (the unique
-        index decides: of two concurrent registrations exactly one wins).
-        """
-        return self.transaction(_createAccount, username, passwordHash, now)
-
-    def passwordHash(self, username: str) -> defer.Deferred[str | None]:
-        """
-        The stored hash of C{username}, or None if there is no such account.
-        """
-        return self.transaction(_passwordHash, username)
-
-    def setPasswordHash(
-        self,
-        username: str,
-        passwordHash: str,
-        keepSession: bytes | None = None,
-        now: float = 0.0,
-    ) -> defer.Deferred[None]:
-        """
-        Replace the hash of C{username}.  With C{keepSession}, every other
-        session of the user is revoked in the same transaction.
-        """
-        return self.transaction(
-            _setPasswordHash, username, passwordHash, keepSession, now
-        )
-
-    def createSession(
-        self, digest: bytes, username: str, now: float, idle: float, maximum: float
-    ) -> defer.Deferred[float]:
-        """
-        Store a new session; when it expires if left idle.
-        """
-        return self.transaction(_createSession, digest, username, now, idle, maximum)
-
-    def useSession(
-        self, digest: bytes, now: float, idle: float
-    ) -> defer.Deferred[tuple[str, float] | None]:
-        """
-        The (username, expiry) of a live session, marking it used now; None
-        for an unknown, revoked or expired one (an expired one is deleted).
-        """
-        return self.transaction(_useSession, digest, now, idle)
-
-    def deleteSession(self, digest: bytes, now: float) -> defer.Deferred[bool]:
-        """
-        Revoke one session (logout); whether it existed.
-        """
-        return self.transaction(_deleteSession, digest, now)
-
-    def refreshSession(
-        self, digest: bytes, lastUsed: float, now: float, idle: float
-    ) -> defer.Deferred[float | None]:
-        """
-        A session held open by a connection that was last active at
-        C{lastUsed}: record that use, and return when the session now
-        expires, or None if it has expired or was revoked.
-        """
-        return self.transaction(_refreshSession, digest, lastUsed, now, idle)
-
-    def revocationsAfter(
-        self, position: int
-    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
-        """
-        The (position, digest, reason) of sessions revoked after
-        C{position}, oldest first, at most 1000 at a time.
-        """
-        return self.transaction(_revocationsAfter, position)
-
-    def revocationsSince(
-        self, at: float
-    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
-        """
-        The (position, digest, reason) of sessions revoked at C{at} or later
-        (at most 1000, the newest).
-        """
-        return self.transaction(_revocationsSince, at)
-
-    def lastRevocation(self) -> defer.Deferred[int]:
-        """
-        The position of the newest revocation (0 for none).
-        """
-        return self.transaction(_lastRevocation)
-
-    # -- chat -------------------------------------------------------------------
-
-    def lastSeq(self, room: str) -> defer.Deferred[int]:
-        """
-        The highest C{seq} stored for C{room} (0 for none).
-        """
-        return self.transaction(_lastSeq, room)
-
-    def storeMessages(
-        self, messages: Sequence[tuple[str, str, str, str]]
-    ) -> defer.Deferred[tuple[list[int], float]]:
-        """
-        Store (room, sender, text, ts) rows in one transaction, numbering
-        each with the next C{seq} of its room inside that transaction.
-        Fires with the seqs (in the order of C{messages}) and the
-        C{time.monotonic()} of the commit.
-        """
-        d = self.transaction(_storeMessages, messages)
-        return d.addCallback(lambda seqs: (seqs, self.lastCommit))
-
-    def history(
-        self, room: str, after: int, limit: int
-    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
-        """
-        Up to C{limit} (seq, sender, text, ts) of C{room} after C{after},
-        oldest first.
-        """
-        return self.transaction(_history, room, after, limit)
-
-    def recentHistory(
-        self, room: str, limit: int
-    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
-        """
-        The last C{limit} messages of C{room}, oldest first.
-        """
-        return self.transaction(_recentHistory, room, limit)
-
-    def roomsWithHistory(self, limit: int) -> defer.Deferred[list[str]]:
-        """
-        The first C{limit} names (in bytewise order) of rooms that have
-        history, skipping from room to room along the primary key.
-        """
-        return self.transaction(_roomsWithHistory, limit)
-
-    def integrityCheck(self) -> defer.Deferred[str]:
-        """
-        C{"ok"} when the database answers and is at the schema version
-        this store migrated it to (PostgreSQL checks its own pages).
-        """
-        return self.transaction(_integrityCheck, self.version)
 
 
 def _text(value: str | None) -> bytes | None:
@@ -934,3 +635,124 @@ def _roomsWithHistory(cursor: Any, limit: int) -> list[str]:
         (limit,),
     )
     return [str(row[0]) for row in cursor.fetchall()]
+
+
+@implementer(IStore)
+class PostgresStore(PooledStore):
+    """
+    A PostgreSQL database, reached only through Deferreds.
+
+    Construct it with a C{postgresql://user:password@host:port/dbname} URL,
+    C{store.prepare()} once at start (blocking), C{yield store.open()}, use
+    it, C{store.close()}.
+    """
+
+    engine = Engine(
+        inTransaction=_inTransaction,
+        visit=_visit,
+        nameAddress=_nameAddress,
+        forgetAddress=_forgetAddress,
+        createAccount=_createAccount,
+        passwordHash=_passwordHash,
+        setPasswordHash=_setPasswordHash,
+        createSession=_createSession,
+        useSession=_useSession,
+        deleteSession=_deleteSession,
+        refreshSession=_refreshSession,
+        revocationsAfter=_revocationsAfter,
+        revocationsSince=_revocationsSince,
+        lastRevocation=_lastRevocation,
+        lastSeq=_lastSeq,
+        storeMessages=_storeMessages,
+        history=_history,
+        recentHistory=_recentHistory,
+        roomsWithHistory=_roomsWithHistory,
+    )
+
+    def __init__(
+        self,
+        url: str,
+        migrations: Sequence[tuple[int, Sequence[str]]] = MIGRATIONS,
+        reactor: Any = None,
+        poolMin: int = POOL_MIN,
+        poolMax: int = POOL_MAX,
+    ) -> None:
+        if not isPostgresURL(url):
+            raise ValueError("a PostgreSQL URL starts with postgresql://")
+        # path: where the database is, without its password (for logs).
+        super().__init__(redactURL(url), migrations)
+        self._url = url
+        self._reactor = reactor
+        self._poolMin = poolMin
+        self._poolMax = poolMax
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self.path}>"
+
+    def _connectOptions(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout=" not in self._url:
+            options["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name=" not in self._url:
+            options["application_name"] = "netlab"
+        return options
+
+    def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
+        reason = _scrub(str(error).strip(), self._url) or type(error).__name__
+        return DatabaseUnavailable(
+            f"cannot use the PostgreSQL database {self.path}: {reason}"
+        )
+
+    def prepare(self) -> None:
+        """
+        Connect and migrate now, blocking: called once as the server
+        starts, before the reactor runs, so a database that cannot be
+        reached or has a newer schema stops the start with a clear error
+        (a L{RuntimeError}) instead of failing every request later.
+        """
+        try:
+            connection = psycopg.connect(self._url, **self._connectOptions())
+        except psycopg.Error as e:
+            raise self._unavailable(e) from None
+        try:
+            _inTransaction(connection, applyMigrations, (self.migrations,), {})
+        except psycopg.Error as e:
+            raise self._unavailable(e) from None
+        finally:
+            connection.close()
+
+    async def open(self) -> PostgresStore:
+        """
+        Start the pool and migrate the database (if L{prepare} has not).
+        """
+        extra: dict[str, Any] = {}
+        if self._reactor is not None:
+            extra["cp_reactor"] = self._reactor
+        self.pool = adbapi.ConnectionPool(
+            "psycopg",
+            conninfo=self._url,
+            cp_min=self._poolMin,
+            cp_max=self._poolMax,
+            cp_reconnect=True,
+            cp_noisy=False,
+            **self._connectOptions(),
+            **extra,
+        )
+        self.pool.connectionFactory = _Connection
+        self.pool.start()
+        try:
+            self.version = await self.transaction(applyMigrations, self.migrations)
+        except psycopg.Error as e:
+            self.close()
+            raise self._unavailable(e) from None
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def integrityCheck(self) -> defer.Deferred[str]:
+        """
+        C{"ok"} when the database answers and is at the schema version
+        this store migrated it to (PostgreSQL checks its own pages).
+        """
+        return self.transaction(_integrityCheck, self.version)

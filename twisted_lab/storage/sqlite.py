@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_lab.ports import IStore
+from twisted_lab.storage.pooled import Engine, PooledStore
 
 DEFAULT_PATH = "netlab.sqlite3"
 
@@ -180,279 +179,17 @@ def applyMigrations(
     return current
 
 
-@implementer(IStore)
-class Store:
-    """
-    The database, reached only through Deferreds.
-
-    Construct it, C{yield store.open()}, use it, C{store.close()}.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        path: str = DEFAULT_PATH,
-        migrations: Sequence[tuple[int, Sequence[str]]] = MIGRATIONS,
-    ) -> None:
-        self.path = path
-        self.migrations = migrations
-        self.pool: adbapi.ConnectionPool | None = None
-        self.version = 0
-        #: Called (on the reactor thread) with the seconds each committed
-        #: transaction took in the database thread (for --metrics).
-        self.onTransaction: Callable[[float], object] | None = None
-        #: The time.monotonic() at which the last transaction committed.
-        self.lastCommit = 0.0
-
-    def prepare(self) -> None:
-        """
-        Create (mode 0600) and migrate the database file now, blocking:
-        called once as the server starts, before the reactor runs, so a
-        file that cannot be opened or has a newer schema stops the start
-        with a clear error instead of failing every request later.
-        """
-        if self.path != ":memory:":
-            createPrivateFile(self.path)
-        connection = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            _configure(connection)
-            _inTransaction(connection, applyMigrations, (self.migrations,), {})
-        finally:
-            connection.close()
-
-    async def open(self) -> Store:
-        """
-        Open (creating if needed) and migrate the database.
-        """
-        if self.path != ":memory:":
-            createPrivateFile(self.path)
-        self.pool = adbapi.ConnectionPool(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,
-            isolation_level=None,  # we say BEGIN and COMMIT ourselves
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_configure,
-            cp_noisy=False,
-        )
-        self.pool.start()
-        try:
-            self.version = await self.transaction(applyMigrations, self.migrations)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        """
-        Finish the queued work and close the connection.
-        """
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
-    def transaction(
-        self, work: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> defer.Deferred[T]:
-        """
-        Run C{work(cursor, *args, **kwargs)} in the database thread inside
-        one C{BEGIN IMMEDIATE} ... C{COMMIT} transaction (rolled back if it
-        raises).  The result fires after the commit.
-        """
-        if self.pool is None:
-            return defer.fail(RuntimeError("the store is not open"))
-        d = self.pool.runWithConnection(_timedTransaction, work, args, kwargs)
-        return d.addCallback(self._committed)
-
-    def _committed(self, outcome: tuple[T, float, float]) -> T:
-        result, started, committed = outcome
-        self.lastCommit = committed
-        if self.onTransaction is not None:
-            self.onTransaction(committed - started)
-        return result
-
-    # -- identities -----------------------------------------------------------
-
-    def visit(self, address: str, now: str) -> defer.Deferred[tuple[str, int] | None]:
-        """
-        A connection from C{address}: if it is known, count the visit and
-        return (name, visits); else L{None}.
-        """
-        return self.transaction(_visit, address, now)
-
-    def nameAddress(self, address: str, name: str, now: str) -> defer.Deferred[int]:
-        """
-        Store (or change) the name of C{address}; its visit count.
-        """
-        return self.transaction(_nameAddress, address, name, now)
-
-    def forgetAddress(self, address: str) -> defer.Deferred[bool]:
-        """
-        Forget C{address}; whether it was known.
-        """
-        return self.transaction(_forgetAddress, address)
-
-    # -- accounts and sessions --------------------------------------------------
-
-    def createAccount(
-        self, username: str, passwordHash: str, now: float
-    ) -> defer.Deferred[bool]:
-        """
-        Create an account; False if the username is taken.  The UNIQUE
-        constraint decides, so of two concurrent registrations of one name
-        exactly one succeeds.
-        """
-        return self.transaction(_createAccount, username, passwordHash, now)
-
-    def passwordHash(self, username: str) -> defer.Deferred[str | None]:
-        """
-        The stored hash of C{username}, or None if there is no such account.
-        """
-        return self.transaction(_passwordHash, username)
-
-    def setPasswordHash(
-        self,
-        username: str,
-        passwordHash: str,
-        keepSession: bytes | None = None,
-        now: float = 0.0,
-    ) -> defer.Deferred[None]:
-        """
-        Replace the hash of C{username}.  With C{keepSession}, every other
-        session of the user is revoked in the same transaction.
-        """
-        return self.transaction(
-            _setPasswordHash, username, passwordHash, keepSession, now
-        )
-
-    def createSession(
-        self, digest: bytes, username: str, now: float, idle: float, maximum: float
-    ) -> defer.Deferred[float]:
-        """
-        Store a new session; when it expires if left idle.
-        """
-        return self.transaction(_createSession, digest, username, now, idle, maximum)
-
-    def useSession(
-        self, digest: bytes, now: float, idle: float
-    ) -> defer.Deferred[tuple[str, float] | None]:
-        """
-        The (username, expiry) of a live session, marking it used now; None
-        for an unknown, revoked or expired one (an expired one is deleted).
-        """
-        return self.transaction(_useSession, digest, now, idle)
-
-    def deleteSession(self, digest: bytes, now: float) -> defer.Deferred[bool]:
-        """
-        Revoke one session (logout); whether it existed.
-        """
-        return self.transaction(_deleteSession, digest, now)
-
-    def refreshSession(
-        self, digest: bytes, lastUsed: float, now: float, idle: float
-    ) -> defer.Deferred[float | None]:
-        """
-        A session held open by a connection that was last active at
-        C{lastUsed}: record that use, and return when the session now
-        expires, or None if it has expired or was revoked.
-        """
-        return self.transaction(_refreshSession, digest, lastUsed, now, idle)
-
-    def revocationsAfter(
-        self, position: int
-    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
-        """
-        The (position, digest, reason) of sessions revoked after
-        C{position}, oldest first, at most 1000 at a time.
-        """
-        return self.transaction(_revocationsAfter, position)
-
-    def revocationsSince(
-        self, at: float
-    ) -> defer.Deferred[list[tuple[int, bytes, str]]]:
-        """
-        The (position, digest, reason) of sessions revoked at C{at} or later
-        (at most 1000, the newest): what a server that starts watching
-        sessions may have missed.
-        """
-        return self.transaction(_revocationsSince, at)
-
-    def lastRevocation(self) -> defer.Deferred[int]:
-        """
-        The position of the newest revocation: where a server that starts
-        now begins to read them.
-        """
-        return self.transaction(
-            lambda cursor: int(
-                cursor.execute(
-                    "SELECT COALESCE(MAX(id), 0) FROM revocations"
-                ).fetchone()[0]
-            )
-        )
-
-    # -- chat -------------------------------------------------------------------
-
-    def lastSeq(self, room: str) -> defer.Deferred[int]:
-        """
-        The highest C{seq} stored for C{room} (0 for none).
-        """
-        return self.transaction(_lastSeq, room)
-
-    def storeMessages(
-        self, messages: Sequence[tuple[str, str, str, str]]
-    ) -> defer.Deferred[tuple[list[int], float]]:
-        """
-        Store (room, sender, text, ts) rows in one transaction, the group
-        commit of every message of one reactor turn, numbering each with
-        the next C{seq} of its room inside that transaction.  Fires with
-        the seqs (in the order of C{messages}) and the C{time.monotonic()}
-        of the commit.
-        """
-        d = self.transaction(_storeMessages, messages)
-        return d.addCallback(lambda seqs: (seqs, self.lastCommit))
-
-    def history(
-        self, room: str, after: int, limit: int
-    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
-        """
-        Up to C{limit} (seq, sender, text, ts) of C{room} after C{after},
-        oldest first.
-        """
-        return self.transaction(_history, room, after, limit)
-
-    def recentHistory(
-        self, room: str, limit: int
-    ) -> defer.Deferred[list[tuple[int, str, str, str]]]:
-        """
-        The last C{limit} messages of C{room}, oldest first.
-        """
-        return self.transaction(_recentHistory, room, limit)
-
-    def roomsWithHistory(self, limit: int) -> defer.Deferred[list[str]]:
-        """
-        The first C{limit} names (in order) of rooms that have history,
-        found by skipping from room to room along the primary key: the
-        cost grows with the number of rooms, not of messages.
-        """
-        return self.transaction(_roomsWithHistory, limit)
-
-    def integrityCheck(self) -> defer.Deferred[str]:
-        """
-        SQLite's own verdict on the file (C{"ok"} when sound).
-        """
-        return self.transaction(
-            lambda cursor: cursor.execute("PRAGMA integrity_check").fetchone()[0]
-        )
-
-
 def _inTransaction(
     connection: sqlite3.Connection,
     work: Callable[..., T],
     args: Sequence[Any],
     kwargs: dict[str, Any],
 ) -> T:
+    """
+    The L{twisted_lab.storage.pooled.TransactionRunner} of SQLite:
+    C{BEGIN IMMEDIATE} takes the write lock at once, so a transaction that
+    reads and then writes never finds the file changed under it.
+    """
     cursor = connection.cursor()
     cursor.execute("BEGIN IMMEDIATE")
     try:
@@ -462,17 +199,6 @@ def _inTransaction(
         raise
     cursor.execute("COMMIT")
     return result
-
-
-def _timedTransaction(
-    connection: sqlite3.Connection,
-    work: Callable[..., T],
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-) -> tuple[T, float, float]:
-    started = time.monotonic()
-    result = _inTransaction(connection, work, args, kwargs)
-    return result, started, time.monotonic()
 
 
 def _visit(cursor: sqlite3.Cursor, address: str, now: str) -> tuple[str, int] | None:
@@ -638,6 +364,11 @@ def _revocationsAfter(
     ]
 
 
+def _lastRevocation(cursor: sqlite3.Cursor) -> int:
+    row = cursor.execute("SELECT COALESCE(MAX(id), 0) FROM revocations").fetchone()
+    return int(row[0])
+
+
 def _lastSeq(cursor: sqlite3.Cursor, room: str) -> int:
     row = cursor.execute(
         "SELECT last_seq FROM chat_rooms WHERE room = ?", (room,)
@@ -725,3 +456,91 @@ def _roomsWithHistory(cursor: sqlite3.Cursor, limit: int) -> list[str]:
             (limit,),
         )
     ]
+
+
+@implementer(IStore)
+class Store(PooledStore):
+    """
+    The database, reached only through Deferreds.
+
+    Construct it, C{yield store.open()}, use it, C{store.close()}.  Each
+    transaction is a C{BEGIN IMMEDIATE} ... C{COMMIT} on the one
+    connection; its cursor is a L{sqlite3.Cursor} (C{?} parameters).
+    """
+
+    engine = Engine(
+        inTransaction=_inTransaction,
+        visit=_visit,
+        nameAddress=_nameAddress,
+        forgetAddress=_forgetAddress,
+        createAccount=_createAccount,
+        passwordHash=_passwordHash,
+        setPasswordHash=_setPasswordHash,
+        createSession=_createSession,
+        useSession=_useSession,
+        deleteSession=_deleteSession,
+        refreshSession=_refreshSession,
+        revocationsAfter=_revocationsAfter,
+        revocationsSince=_revocationsSince,
+        lastRevocation=_lastRevocation,
+        lastSeq=_lastSeq,
+        storeMessages=_storeMessages,
+        history=_history,
+        recentHistory=_recentHistory,
+        roomsWithHistory=_roomsWithHistory,
+    )
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PATH,
+        migrations: Sequence[tuple[int, Sequence[str]]] = MIGRATIONS,
+    ) -> None:
+        super().__init__(path, migrations)
+
+    def prepare(self) -> None:
+        """
+        Create (mode 0600) and migrate the database file now, blocking:
+        called once as the server starts, before the reactor runs, so a
+        file that cannot be opened or has a newer schema stops the start
+        with a clear error instead of failing every request later.
+        """
+        if self.path != ":memory:":
+            createPrivateFile(self.path)
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            _configure(connection)
+            _inTransaction(connection, applyMigrations, (self.migrations,), {})
+        finally:
+            connection.close()
+
+    async def open(self) -> Store:
+        """
+        Open (creating if needed) and migrate the database.
+        """
+        if self.path != ":memory:":
+            createPrivateFile(self.path)
+        self.pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,  # we say BEGIN and COMMIT ourselves
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_configure,
+            cp_noisy=False,
+        )
+        self.pool.start()
+        try:
+            self.version = await self.transaction(applyMigrations, self.migrations)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def integrityCheck(self) -> defer.Deferred[str]:
+        """
+        SQLite's own verdict on the file (C{"ok"} when sound).
+        """
+        return self.transaction(
+            lambda cursor: cursor.execute("PRAGMA integrity_check").fetchone()[0]
+        )
