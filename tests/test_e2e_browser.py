@@ -96,8 +96,14 @@ class WebChat(Server):
         *extra: str,
         port: int = 0,
         webPort: int = 0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.webPortFile = workdir / "web.port"
+        web = f"tcp:{webPort}:interface=127.0.0.1"
+        if tls is not None:
+            key, cert = tls
+            web = f"ssl:{webPort}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        self.scheme = "https" if tls is not None else "http"
         fixed = ("--no-port-fallback",) if port else ()
         super().__init__(
             workdir,
@@ -109,7 +115,7 @@ class WebChat(Server):
             *FAST_HASH,
             *fixed,
             "--web",
-            f"tcp:{webPort}:interface=127.0.0.1",
+            web,
             "--web-port-file",
             str(self.webPortFile),
             *extra,
@@ -118,7 +124,8 @@ class WebChat(Server):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.webPort}/"
+        host = "localhost" if self.scheme == "https" else "127.0.0.1"
+        return f"{self.scheme}://{host}:{self.webPort}/"
 
     def startBlocking(self) -> WebChat:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -222,9 +229,20 @@ class BrowserTestCase(SynchronousTestCase):
         self.addCleanup(self.browser.close)
         self.pageErrors: list[str] = []
 
-    def server(self, *extra: str, port: int = 0, webPort: int = 0) -> WebChat:
+    def server(
+        self,
+        *extra: str,
+        port: int = 0,
+        webPort: int = 0,
+        tls: tuple[Path, Path] | None = None,
+    ) -> WebChat:
         server = WebChat(
-            self.workdir / "server", self.db, *extra, port=port, webPort=webPort
+            self.workdir / "server",
+            self.db,
+            *extra,
+            port=port,
+            webPort=webPort,
+            tls=tls,
         )
         self.addCleanup(server.cleanup)
         return server.startBlocking()
@@ -518,6 +536,25 @@ class ChatInTheBrowserTests(BrowserTestCase):
         )
         self.pageErrors.clear()  # (Chromium reports the refusal as an error)
         self.assertEqual(blocked, "connect-src")
+
+    def test_overTLS(self) -> None:
+        from playwright.sync_api import expect
+
+        from tests.test_e2e_auth import selfSignedCertificate
+
+        server = self.server(tls=selfSignedCertificate(self.workdir))
+        self.assertTrue(server.url.startswith("https://localhost:"))
+        # (The certificate is the test's own: the browser is told to accept it.)
+        alice = self.page(server.url, ignore_https_errors=True)
+        self.register(alice, "alice")
+        self.join(alice, "lobby")
+        self.say(alice, "over wss")
+        self.waitShown(alice, 1)
+        self.assertEqual(self.shown(alice)[0][1:], ("alice", "over wss"))
+        self.assertEqual(
+            alice.evaluate("location.protocol"), "https:"
+        )  # and so the page chose wss://
+        expect(alice.locator("#status")).to_have_text("online")
 
     def otherSite(self) -> str:
         """

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
@@ -912,6 +912,23 @@ class ListenerTests(TestCase):
             self.roundTrip(f"wss://localhost:{port}/ws", policy)
         )
         self.assertEqual(reply, {"type": "echo", "id": 7})
+        # A browser offers ALPN (h2 first): HTTP/1.1 is chosen, the handshake
+        # does not fail.
+        chosen = yield threads.deferToThread(self.handshakeWithALPN, cert, port)
+        self.assertEqual(chosen, "http/1.1")
+
+    @staticmethod
+    def handshakeWithALPN(cert: Any, port: int) -> str | None:
+        import socket
+        import ssl as stdlibSSL
+
+        context = stdlibSSL.create_default_context(cafile=str(cert))
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            return tls.selected_alpn_protocol()
 
     def test_aPortInUseFailsTheStart(self):
         service = self.makeService("tcp:0:interface=127.0.0.1")

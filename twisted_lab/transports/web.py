@@ -48,6 +48,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
+    IProtocolNegotiationFactory,
     IReactorTime,
     ISSLTransport,
     ITransport,
@@ -69,6 +70,7 @@ from twisted_lab.dispatch import QUEUE_FULL, RequestDispatcher
 from twisted_lab.ports import IRequestChannel
 from twisted_lab.transports.connection import (
     CLOSING,
+    END_OF_INPUT,
     ServedConnection,
     ServerFactory,
     canonicalAddress,
@@ -880,7 +882,7 @@ class WebConnection(ServedConnection):
         if self.websocket is None:
             ServedConnection.readConnectionLost(self)
             return
-        self._readPauses = self._readPauses | {"end of input"}
+        self._readPauses = self._readPauses | {END_OF_INPUT}
         self.frameStarted = None
         self.websocket.endOfInput()
 
@@ -1127,6 +1129,7 @@ def _plain(request: Request, code: int, body: bytes) -> bytes:
     return body
 
 
+@implementer(IProtocolNegotiationFactory)
 class WebFactory(Factory):
     """
     What the web listener listens with: each connection is a
@@ -1134,6 +1137,15 @@ class WebFactory(Factory):
     """
 
     noisy = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        ALPN on C{ssl:}: HTTP/1.1, the only HTTP a WebSocket upgrade is
+        made on.  (Said even so because Twisted 26.10 fails the handshake of
+        a client that offers ALPN, as every browser does, when the factory
+        names no protocol: its selection callback answers b"".)
+        """
+        return [b"http/1.1"]
 
     def __init__(
         self,
