@@ -479,13 +479,16 @@ class ChatService(AuthService):
         self.heldBudget = HeldBudget()
         self._reads = defer.DeferredSemaphore(CONCURRENT_READS)
         self.link: ClusterLink | None = None
+        #: The node is leaving the cluster: its own members' departures
+        #: are announced although they are still connected.
+        self._leaving = False
         if presence is None:
             presence = LocalDirectory(self.clock).presence(self.node)
         else:
             if self.bus is None:
                 raise TypeError("a chat node in a cluster needs its bus")
             self.link = ClusterLink(
-                self.bus, self.node, self.clock, self, admit=self._admit
+                self.bus, self.node, self.clock, self, self._admit, context.log
             )
         self.presence: IPresence = presence
         presence.watch(self._departed, self._nodesGone)
@@ -521,6 +524,7 @@ class ChatService(AuthService):
         published or heard.  Local delivery carries on while the server
         closes its connections.
         """
+        self._leaving = True
         stopping = self.presence.stop()
 
         def closeLink(_: object) -> None:
@@ -607,6 +611,7 @@ class ChatService(AuthService):
             fetch=self._read,
             deliver=lambda rows: self._deliverRoom(room, rows),
             budget=self.heldBudget,
+            log=self.log,
         )
         if self.link is not None:
             self.link.watchRoom(name)
@@ -849,7 +854,7 @@ class ChatService(AuthService):
         """
         for room, user in pairs:
             held = self.rooms.get(room)
-            if held is not None and user in held.members:
+            if held is not None and user in held.members and not self._leaving:
                 continue  # back here meanwhile
             self._announce(room, user, "leave")
 

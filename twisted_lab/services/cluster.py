@@ -111,7 +111,10 @@ class ClusterLink:
         clock: IReactorTime,
         listener: ClusterListener,
         admit: Callable[[str], bool] = lambda event: True,
+        log: Logger | None = None,
     ) -> None:
+        if log is not None:
+            self.log = log
         self.bus = bus
         self.node = node
         self.clock = clock

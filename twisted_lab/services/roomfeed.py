@@ -109,7 +109,10 @@ class RoomFeed:
         deliver: Deliver,
         budget: HeldBudget | None = None,
         grace: float = GAP_GRACE,
+        log: Logger | None = None,
     ) -> None:
+        if log is not None:
+            self.log = log
         self.room = room
         self.delivered = delivered
         self.heardOf = delivered

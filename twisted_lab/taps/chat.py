@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.internet import defer
 from twisted.python import usage
 
+from twisted_lab.bus import RedisBus
 from twisted_lab.runtime.server import positiveInt
 from twisted_lab.runtime.startup import StartupFailed
 from twisted_lab.services.chat import (
@@ -18,6 +20,7 @@ from twisted_lab.services.chat import (
     DEFAULT_PORT,
     ChatService,
 )
+from twisted_lab.services.presence import HEARTBEAT, NODE_TTL, RedisPresence
 from twisted_lab.taps import auth
 from twisted_lab.taps.auth import AuthFactory
 from twisted_lab.transports.web import normalizeOrigin, webService
@@ -36,7 +39,34 @@ class ChatFactory(AuthFactory):
     """
 
     serviceClass = ChatService
-    serviceSettings = (*AuthFactory.serviceSettings, "messageRate", "messageBurst")
+    serviceSettings = (
+        *AuthFactory.serviceSettings,
+        "messageRate",
+        "messageBurst",
+        "presence",
+    )
+
+
+class ClusterService(Service):
+    """
+    The chat node's membership of its cluster: the presence heartbeats run
+    while it runs.  Started after the server and stopped before it, so a
+    clean stop takes the node's members out of the directory (their leaves
+    announced on the other nodes) while the bus is still up.
+    """
+
+    name = "cluster"
+
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.chat.startCluster()
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return self.chat.stopCluster()
 
 
 class Options(auth.Options):
@@ -75,6 +105,22 @@ class Options(auth.Options):
             "ssl:8443:privateKey=key.pem:certKey=cert.pem).",
         ],
         ["web-port-file", None, None, "Write the web port being served to this file."],
+        # A cluster (--bus redis://...; docs/cluster.md).
+        [
+            "presence-heartbeat",
+            None,
+            HEARTBEAT,
+            "Seconds between this node's heartbeats in the presence directory.",
+            positiveFloat,
+        ],
+        [
+            "presence-ttl",
+            None,
+            NODE_TTL,
+            "Seconds without a heartbeat after which a node is taken for dead"
+            " and its members shown as gone.",
+            positiveFloat,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -96,6 +142,10 @@ class Options(auth.Options):
         super().postOptions()
         if self["web-origin"] and not self["web"]:
             raise usage.UsageError("--web-origin needs --web")
+        if self["presence-ttl"] <= self["presence-heartbeat"]:
+            raise usage.UsageError(
+                "--presence-ttl must be longer than --presence-heartbeat"
+            )
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -108,12 +158,22 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     store = config.openStore()
     bus = config.makeBus(reactor)
+    presence = None
+    if isinstance(bus, RedisBus):
+        presence = RedisPresence(
+            bus,
+            config["node"],
+            reactor,
+            heartbeat=config["presence-heartbeat"],
+            ttl=config["presence-ttl"],
+        )
     factory = ChatFactory(
         store,
         config.hasher(reactor),
         messageRate=config["message-rate"],
         messageBurst=config["message-burst"],
         bus=bus,
+        presence=presence,
         **config.authSettings(reactor),
     )
     top = config.makeStoredService("netlab-chat", store, factory, bus)
@@ -127,4 +187,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             portFile=config["web-port-file"],
             failed=StartupFailed,
         ).setServiceParent(top)
+    if presence is not None:
+        ClusterService(factory.service).setServiceParent(top)
     return top
