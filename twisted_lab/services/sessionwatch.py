@@ -42,7 +42,7 @@ from twisted_lab.ports import IBus
 
 POLL_SECONDS = 0.5
 #: The bus channel on which a node says it revoked sessions.
-REVOCATIONS_CHANNEL = "netlab.sessions.revoked"
+REVOCATIONS_CHANNEL = "netlab:sessions:revoked"
 #: Hints make a node read the log at most this often (a flood of logouts
 #: elsewhere costs at most 20 queries a second, coalesced).
 HINT_INTERVAL = 0.05
