@@ -10,7 +10,8 @@ Without a bus, a node does not deliver live what was said on the other
 node, so the messages the client must get after the switch are said on the
 node it ends up on (some before it arrives: caught up with C{history}; some
 while it rejoins and after: live), and the comparison is with the history
-in the shared database.
+in the shared database.  The client runs piped with C{--json} (every
+message with its C{seq}), and interactively on a pseudo-terminal.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.e2e import DEADLINE, Server, netlabCommand, pause, runNetlab
 from tests.helpers import subprocessEnv
@@ -133,7 +134,11 @@ def stopProcess(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-class ClusterClientTests(TestCase):
+class TwoNodes(TestCase):
+    """
+    Two real netlab-chat nodes sharing one SQLite file, and the real client.
+    """
+
     timeout = 240
 
     def setUp(self) -> None:
@@ -185,6 +190,8 @@ class ClusterClientTests(TestCase):
     def netlab(self, *args: str, stdin: bytes | None = None):
         return defer.ensureDeferred(runNetlab(*args, stdin=stdin, env=self.env))
 
+
+class ClusterClientTests(TwoNodes):
     def sessions(self) -> dict[str, Any]:
         path = self.workdir / "config" / "netlab" / "sessions.json"
         return json.loads(path.read_text())["sessions"]
@@ -381,4 +388,70 @@ class ClusterClientTests(TestCase):
             "server running?)\n",
         )
         yield defer.ensureDeferred(a.stop())
+        yield defer.ensureDeferred(b.stop())
+
+
+class ClusterTerminalTests(TwoNodes):
+    """
+    The same switch seen by a person: the interactive chat on a real
+    pseudo-terminal.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_cli_pty import pexpect
+
+        if pexpect is None:  # pragma: no cover - in the test extra
+            raise SkipTest("pexpect is not installed (pip install '.[test]')")
+        super().setUp()
+        self.env["NO_COLOR"] = "1"
+
+    @defer.inlineCallbacks
+    def test_terminalChatMovesToTheOtherNode(self):
+        from tests.test_cli_pty import Terminal
+
+        a, b = yield defer.ensureDeferred(self.startNodes())
+        nodeA, nodeB = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+        self.register(a.port, "alice", "bob")
+        out, err, code = yield self.netlab(
+            "auth", "login", "-q", "--server", f"{nodeA},{nodeB}",
+            "--user", "alice", "--password-stdin", stdin=b"password1\n",
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+
+        t = Terminal(
+            netlabCommand()
+            + ["chat", "--server", nodeA, "--server", nodeB, "-r", "dev"],
+            self.env,
+        )
+        self.addCleanup(t.close)
+        t.wait(r"joined #dev")
+        t.wait(r"#dev> ?$")
+        Speaker(a.port, "bob", "before-").run(3, 0)
+        t.wait(r"<bob> before-2")
+
+        since = t.mark()
+        self.assertEqual((yield defer.ensureDeferred(a.stop(signal.SIGKILL))), -9)
+        t.wait(r"connection lost", since=since)
+        t.wait(r"reconnecting in 1 s", since=since)
+        t.send("typed while away\r")
+        t.wait(r"\(reconnecting\) \(1 queued\)>", since=since)
+        bobOnB = Speaker(b.port, "bob", "after-")
+        burst = threading.Thread(target=bobOnB.run, args=(20, 0.1))
+        burst.start()
+        self.addCleanup(burst.join, 30)
+        t.wait(rf"reconnected to {nodeB}", since=since, timeout=30)
+        t.wait(r"<alice> typed while away", since=since)
+        t.wait(r"<bob> after-19", since=since, timeout=30)
+        burst.join(30)
+        self.assertEqual(len(bobOnB.confirmed), 20)
+
+        screen = t.text
+        for text in ["before-0", "before-1", "before-2"] + bobOnB.confirmed:
+            self.assertEqual(screen.count(f"<bob> {text}\n"), 1, text)
+        self.assertEqual(screen.count("<alice> typed while away\n"), 1)
+        positions = [screen.index(f"<bob> {text}\n") for text in bobOnB.confirmed]
+        self.assertEqual(positions, sorted(positions), "in order")
+        t.send("/quit\r")
+        self.assertEqual(t.exitStatus(), 0)
+        self.assertNotIn("Traceback", t.text)
         yield defer.ensureDeferred(b.stop())
