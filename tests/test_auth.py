@@ -265,6 +265,53 @@ class RegisterLoginTests(ServerHarness):
         )
         self.assertEqual([m["type"] for m in got], ["error", "session"])
 
+    def test_aChangeRevokesTheOthersEvenIfItsOwnSessionEnds(self) -> None:
+        """
+        A password change whose own session ends while the new hash is
+        being made (logged out on another connection) still revokes the
+        user's other sessions, or changes nothing: a session made with the
+        old password (a stolen one, say) never outlives a change.
+        """
+        hasher = InlineHasher()
+        factory = self.makeAuth(hasher=hasher)
+        first, session = self.registerAndLogin(factory)
+        other = self.one(
+            self.connect(factory, "127.0.0.7"),
+            {"type": "login", "username": "alice", "password": "password1"},
+        )
+        second = self.connect(factory, "127.0.0.6")
+        self.one(second, {"type": "resume", "token": session["token"]})
+        hashes = Held(hasher, "hash")
+        self.send(
+            first,
+            {"type": "change_password", "old": "password1", "new": "password2"},
+        )
+        self.assertEqual(len(hashes.calls), 1, "the new hash is being made")
+        self.assertEqual(self.one(second, {"type": "logout"})["type"], "logged_out")
+        hashes.release()
+        changed = self.received(first)[-1]
+        resumed = self.one(
+            self.connect(factory, "127.0.0.9"),
+            {"type": "resume", "token": other["token"]},
+        )
+        if changed["type"] == "password_changed":
+            self.assertEqual(
+                resumed.get("code"), "invalid_token", "the other session outlived it"
+            )
+        else:
+            login = self.one(
+                self.connect(factory, "127.0.0.10"),
+                {"type": "login", "username": "alice", "password": "password1"},
+            )
+            self.assertEqual(login["type"], "session", "refused, yet changed")
+
+    test_aChangeRevokesTheOthersEvenIfItsOwnSessionEnds.skip = (  # type: ignore[attr-defined]
+        "known defect: AuthSession.request_change_password reads "
+        "self.sessionDigest after its awaits and passes it as keepSession; if "
+        "its own session ended meanwhile that is None, so the store revokes "
+        "no other session while the password is changed"
+    )
+
     def test_notAuthenticated(self) -> None:
         factory = self.makeAuth()
         c = self.connect(factory)

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface.verify import verifyObject
 
 from tests.helpers import waitFor
-from tests.servicehelpers import ServerHarness, SQLiteHarness, run
+from tests.servicehelpers import Held, ServerHarness, SQLiteHarness, run
 from twisted_lab.services.chat import ChatRealm
 
 
@@ -272,6 +272,23 @@ class ChatRequestTests(ServerHarness):
         self.flush()
         [kept] = [m for m in self.received(alice) if m.get("text") == "kept"]
         self.assertEqual(kept["seq"], 1)
+
+    def test_aResumeThatEndsAfterTheCloseLeavesNoMind(self) -> None:
+        """
+        A connection that closes while its resume is being checked is not
+        left behind as a mind of the user (to be sent messages).
+        """
+        factory = self.makeChat()
+        alice = self.user(factory, "alice")
+        self.one(alice, {"type": "join", "room": "lobby"})
+        lookups = Held(factory.store, "useSession")
+        late = self.connect(factory, "127.0.0.6")
+        self.send(late, {"type": "resume", "token": self.tokens["alice"]})
+        self.assertEqual(len(lookups.calls), 1, "the token is being checked")
+        late[0].connectionLost()
+        lookups.release()
+        self.assertEqual(factory.service.users["alice"].minds, {alice[0].handler})
+        self.assertEqual(self.received(late), [])
 
 
 class ChatOnSQLiteTests(SQLiteHarness):
