@@ -305,13 +305,6 @@ class RegisterLoginTests(ServerHarness):
             )
             self.assertEqual(login["type"], "session", "refused, yet changed")
 
-    test_aChangeRevokesTheOthersEvenIfItsOwnSessionEnds.skip = (  # type: ignore[attr-defined]
-        "known defect: AuthSession.request_change_password reads "
-        "self.sessionDigest after its awaits and passes it as keepSession; if "
-        "its own session ended meanwhile that is None, so the store revokes "
-        "no other session while the password is changed"
-    )
-
     def test_notAuthenticated(self) -> None:
         factory = self.makeAuth()
         c = self.connect(factory)

@@ -528,6 +528,11 @@ class AuthSession(RequestHandler):
 
     async def request_change_password(self, message: Message) -> Message:
         account = await self.requireSession()
+        # The session this request runs in, read before anything waits: it
+        # may end meanwhile (a logout elsewhere), and None would mean
+        # "keep no session" to the store but "revoke nothing" below.
+        ownDigest = self.sessionDigest
+        assert ownDigest is not None, "requireSession checked it"
         service = self.service
         checkPassword(message["new"])
         credentials = PasswordCredentials(account.username, message["old"])
@@ -539,11 +544,11 @@ class AuthSession(RequestHandler):
         await service.store.setPasswordHash(
             account.username,
             newHash,
-            keepSession=self.sessionDigest,
+            keepSession=ownDigest,
             now=self.context.now(),
         )
         for digest in service.sessions.digestsOf(account.username):
-            if digest != self.sessionDigest:
+            if digest != ownDigest:
                 service.sessions.revoked(digest, "password_changed")
         service.sessions.announce()
         self.log.info(
