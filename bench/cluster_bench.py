@@ -394,6 +394,9 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["lone", "one", "two"], action="append", default=None
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the nodes' logs (printed path)"
+    )
     options = parser.parse_args()
     if shutil.which("taskset"):
         os.sched_setaffinity(0, {1})
@@ -444,7 +447,10 @@ def main() -> None:
         if valkey is not None:
             valkey.stop()
         postgres.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if options.keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from twisted_lab.dispatch import RequestDispatcher
 from twisted_lab.observe.metrics import ServerStats
 from twisted_lab.ports import IBus, IPresence, IRequestChannel
 from twisted_lab.services import cluster
-from twisted_lab.services.chat import SUBSCRIBE_SETTLE, ChatService
+from twisted_lab.services.chat import STOP_GRACE, SUBSCRIBE_SETTLE, ChatService
 from twisted_lab.services.cluster import ROOM_CHANNEL, ClusterLink
 from twisted_lab.services.context import ServerContext
 from twisted_lab.services.presence import (
@@ -248,6 +248,8 @@ class NodeBus:
         self.shared = shared
         self.losing = False
         self.down = False
+        #: Publications waiting for the bus's answer, when it is slow.
+        self.holding: list[defer.Deferred[None]] | None = None
         self.sent: list[tuple[str, bytes]] = []
         self._reconnected: list[Any] = []
 
@@ -257,7 +259,12 @@ class NodeBus:
         self.sent.append((channel, payload))
         if self.losing:
             return defer.succeed(None)
-        return self.shared.publish(channel, payload)
+        published = self.shared.publish(channel, payload)
+        if self.holding is not None:
+            answer: defer.Deferred[None] = defer.Deferred()
+            self.holding.append(answer)
+            return answer
+        return published
 
     def subscribe(self, channel: str, receiver: object) -> None:
         self.shared.subscribe(channel, receiver)
@@ -658,6 +665,32 @@ class TwoNodeTests(ClusterHarness):
         bob.close()  # the server closes its connections after: not news
         self.settle()
         self.assertEqual(alice.presence(), [("bob", "join"), ("bob", "leave")])
+
+    def test_aCleanStopWaitsForItsAnnouncementsToBeTaken(self) -> None:
+        """
+        The bus closes after the cluster service: a stop waits (a bounded
+        time) for the bus to answer its last publications.
+        """
+        a, b = self.node("a"), self.node("b")
+        alice, bob = self.member(a, "alice"), self.member(b, "bob")
+        self.joined(alice, bob)
+        b.bus.holding = []  # type: ignore[union-attr]
+        stopping = b.stopCluster()
+        self.assertNoResult(stopping)
+        for answer in b.bus.holding:  # type: ignore[union-attr]
+            answer.callback(None)
+        self.successResultOf(stopping)
+        self.assertTrue(b.link.closed)  # type: ignore[union-attr]
+
+        c = self.node("c")
+        carol = self.member(c, "carol")
+        self.joined(carol)
+        c.bus.holding = []  # type: ignore[union-attr]
+        stopping = c.stopCluster()
+        self.clock.advance(STOP_GRACE)
+        self.successResultOf(stopping)
+        for answer in c.bus.holding:  # type: ignore[union-attr]
+            answer.callback(None)  # too late: nothing happens
 
     def test_aNodeTakenForDeadWritesItsShareAgain(self) -> None:
         """

@@ -80,6 +80,8 @@ REPLY_SLACK = 1024
 #: room's store once more: what was published before the subscription took
 #: effect on the bus server (a round trip) is found there.
 SUBSCRIBE_SETTLE = 0.5
+#: Seconds a clean stop waits for the bus to take its last announcements.
+STOP_GRACE = 2.0
 #: Catch-up reads of the store running at once (a bus reconnection makes
 #: every room of the node read).
 CONCURRENT_READS = 4
@@ -527,11 +529,16 @@ class ChatService(AuthService):
         self._leaving = True
         stopping = self.presence.stop()
 
+        def sent(_: object) -> defer.Deferred[None] | None:
+            if self.link is None:
+                return None
+            return self.link.whenSent(STOP_GRACE)
+
         def closeLink(_: object) -> None:
             if self.link is not None:
                 self.link.close()
 
-        return stopping.addBoth(closeLink)
+        return stopping.addBoth(sent).addBoth(closeLink)
 
     # -- users ------------------------------------------------------------------
 

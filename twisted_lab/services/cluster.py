@@ -125,6 +125,9 @@ class ClusterLink:
         self._unannounced: dict[str, int] = {}
         self._retry: IDelayedCall | None = None
         self._rooms: set[str] = set()
+        #: Publications handed to the bus and not yet answered.
+        self._inFlight: set[defer.Deferred[Any]] = set()
+        self._drained: list[defer.Deferred[None]] = []
         self.closed = False
         #: Publications sent and failed, payloads refused (metrics, tests).
         self.published = 0
@@ -214,9 +217,35 @@ class ClusterLink:
     def _publish(self, channel: str, payload: bytes) -> defer.Deferred[Any]:
         self.published += 1
         try:
-            return self.bus.publish(channel, self._origin + payload)
+            publishing = self.bus.publish(channel, self._origin + payload)
         except Exception as e:  # noqa: BLE001 (a hint: never the caller's failure)
             return defer.fail(e)
+        if not publishing.called:
+            self._inFlight.add(publishing)
+            publishing.addBoth(self._answered, publishing)
+        return publishing
+
+    def _answered(self, result: Any, publishing: defer.Deferred[Any]) -> Any:
+        self._inFlight.discard(publishing)
+        if not self._inFlight:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                if not waiter.called:  # (else it timed out)
+                    waiter.callback(None)
+        return result
+
+    def whenSent(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Fires once every publication made so far has been answered by the
+        bus, or after C{timeout} seconds (a clean stop waits for its last
+        announcements before the bus closes).
+        """
+        if not self._inFlight:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(waiter)
+        waiter.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
+        return waiter
 
     def _lost(self, failure: Any, what: str) -> None:
         self.failed += 1
