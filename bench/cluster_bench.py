@@ -65,7 +65,27 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def call(sock: FramedSocket, message: dict[str, Any]) -> dict[str, Any]:
+def treeCpuSeconds(root: int) -> float:
+    """
+    CPU seconds of C{root} and its children (PostgreSQL's backends), and
+    of the children that have exited and been waited for.
+    """
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if pid == root:
+            total += sum(int(f) for f in fields[11:15]) / tick
+        elif int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def call(sock: Any, message: dict[str, Any]) -> dict[str, Any]:
     sock.send_json(message)
     while True:
         reply = sock.recv_json()
@@ -230,6 +250,7 @@ def scenario(
     label: str,
     nodes: list[Node],
     valkey: Valkey | None,
+    postgresPid: int,
     options: argparse.Namespace,
 ) -> dict[str, float]:
     ports = [n.port for n in nodes]
@@ -278,6 +299,7 @@ def scenario(
         found = {f"node{i}": cpuSeconds(n.process.pid) for i, n in enumerate(nodes)}
         if valkey is not None:
             found["valkey"] = cpuSeconds(valkey.process.pid)
+        found["postgres"] = treeCpuSeconds(postgresPid)
         return found
 
     pump(time.monotonic() + 2.0)  # presence traffic, subscriptions settle
@@ -331,9 +353,12 @@ def scenario(
             f"{percentile(same, 0.99):.1f} ms; cross-node p50 "
             f"{results['crossP50']:.1f} / p99 {results['crossP99']:.1f} ms)"
         )
+    results["postgresCpuPerMessage"] = used["postgres"] / sent * 1e6
     line += (
         f"; node CPU {nodeCpu / options.duration:.0%} of a core,"
-        f" {results['nodeCpuPerMessage']:.0f} us per message"
+        f" {results['nodeCpuPerMessage']:.0f} us per message; PostgreSQL CPU"
+        f" {used['postgres'] / options.duration:.0%},"
+        f" {results['postgresCpuPerMessage']:.0f} us per message"
     )
     if valkey is not None:
         published = (
@@ -419,8 +444,13 @@ def main() -> None:
                 Node(workdir, name, db, valkey.url if bus else None, core)
                 for name, bus, core in setups[label]
             ]
+            assert postgres.process is not None
             results[label] = scenario(
-                label, nodes, valkey if label != "lone" else None, options
+                label,
+                nodes,
+                valkey if label != "lone" else None,
+                postgres.process.pid,
+                options,
             )
             for node in nodes:
                 node.stop()
