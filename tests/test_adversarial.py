@@ -366,7 +366,16 @@ class EchoAdversarialTests(TestCase):
     @defer.inlineCallbacks
     def test_echoSurvivesHostileFramesAndSlowloris(self):
         workdir = Path(self.mktemp()).absolute()
-        echo = Server(workdir, "netlab-echo", "--port", "0", "--frame-timeout", "1")
+        echo = Server(
+            workdir,
+            "netlab-echo",
+            "--port",
+            "0",
+            "--frame-timeout",
+            "1",
+            "--header-timeout",
+            "1",
+        )
         self.addCleanup(echo.cleanup)
         yield defer.ensureDeferred(echo.start())
 
