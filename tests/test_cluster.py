@@ -782,6 +782,19 @@ class LinkTests(ClusterHarness):
         self.assertEqual(bus.sent, [])
         self.assertEqual(self.clusterCalls(), [])
 
+    def test_aNodeNameIsOneWord(self) -> None:
+        context = ServerContext(self.clock, self.recorder.logger, ServerStats())
+        for name in ("two words", "line\nbreak", "x" * 129):
+            with self.assertRaises(ValueError):
+                ChatService(
+                    self.store,
+                    InlineHasher(),
+                    context,
+                    bus=NodeBus(self.shared),
+                    node=name,
+                    presence=self.directory.presence(name),
+                )
+
     def test_aLargeBatchIsSplitInOrder(self) -> None:
         a, b = self.node("a"), self.node("b")
         alice, bob = self.member(a, "alice"), self.member(b, "bob")

@@ -64,6 +64,7 @@ from twisted_lab.services.roomfeed import HeldBudget, RoomFeed
 
 DEFAULT_PORT = 9093
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
+NODE_PATTERN = re.compile(r"[!-~]{1,128}")
 MAX_TEXT = 4000
 HISTORY_ON_JOIN = 50
 MAX_HISTORY = 500
@@ -489,6 +490,13 @@ class ChatService(AuthService):
         else:
             if self.bus is None:
                 raise TypeError("a chat node in a cluster needs its bus")
+            if not NODE_PATTERN.fullmatch(self.node):
+                # It heads every publication, up to a newline, and names
+                # the node's channel and keys.
+                raise ValueError(
+                    f"a node's name is 1 to 128 printable ASCII characters"
+                    f" without spaces, not {self.node!r}"
+                )
             self.link = ClusterLink(
                 self.bus, self.node, self.clock, self, self._admit, context.log
             )
