@@ -158,6 +158,25 @@ class RoomFeedTests(FeedHarness):
         self.clock.advance(GAP_GRACE)
         self.assertEqual(self.delivered, [[1, 2]])
 
+    def test_aSeqTheStoreNeverHasIsGivenUp(self) -> None:
+        """
+        A position beyond the store (a bug elsewhere, or a node's wrong
+        word) costs reads less and less often, then is given up: no
+        endless polling of the database.
+        """
+        recorder = EventRecorder()
+        feed = self.feed()
+        feed.log = recorder.logger
+        self.commit(1)
+        feed.heard(5)
+        for _ in range(200):
+            self.clock.advance(0.5)
+        self.assertEqual(self.delivered, [[1]])
+        self.assertFalse(feed.gapOpen)
+        self.assertLessEqual(len(self.reads), 6)
+        self.assertEqual(len(recorder.named(events.FEED_STORE_GAP)), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_catchUpReadsInBatchesToTheEnd(self) -> None:
         feed = self.feed()
         self.commit(FILL_BATCH * 2 + 5)

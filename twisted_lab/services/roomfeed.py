@@ -292,14 +292,32 @@ class RoomFeed:
                 self._readFailed(e)
             return
         self._filling = False
-        self._retryDelay = RETRY_FIRST
         if self.closed:
             return
         self._drainHeld()
-        if self.gapOpen:
-            # Heard of, not (yet) in the store we read: look again later
-            # rather than at once (no loop against a lagging read).
-            self._timer = self._clock.callLater(self._grace, self._graceOver)
+        if not self.gapOpen:
+            self._retryDelay = RETRY_FIRST
+            return
+        # Heard of, and not in the store that was read: a publication ahead
+        # of a commit another reader cannot see yet, or a position that is
+        # wrong.  Look again later, less and less often; at the longest
+        # interval, give the claim up (the next message reopens a real gap).
+        if self._retryDelay >= RETRY_MAX:
+            self.log.error(
+                "{room}: seq {heard} was announced and is not in the store"
+                " (delivered up to {delivered}): given up",
+                event=events.FEED_STORE_GAP,
+                room=self.room,
+                heard=self.heardOf,
+                delivered=self.delivered,
+            )
+            self.heardOf = self.delivered
+            self._retryDelay = RETRY_FIRST
+            self._dropHeld()
+            return
+        delay = self._retryDelay
+        self._retryDelay = min(delay * 2, RETRY_MAX)
+        self._timer = self._clock.callLater(delay, self._retry)
 
     def _accept(self, rows: list[HistoryRow]) -> None:
         """
