@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_lab.bus.errors import BusOverloaded
+from twisted_lab.codecs import events
 from twisted_lab.ports import IBus
 
 #: Called with each payload of a channel.
@@ -89,7 +90,7 @@ class Receivers:
             except Exception:  # noqa: BLE001 (one receiver's bug stays its own)
                 self.log.failure(
                     "a receiver of bus channel {channel} failed",
-                    event="bus_subscriber_failed",
+                    event=events.BUS_SUBSCRIBER_FAILED,
                     channel=channel,
                 )
                 continue
@@ -100,7 +101,7 @@ class Receivers:
         self.log.failure(
             "a receiver of bus channel {channel} failed",
             failure,
-            event="bus_subscriber_failed",
+            event=events.BUS_SUBSCRIBER_FAILED,
             channel=channel,
         )
 

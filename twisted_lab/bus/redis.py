@@ -77,6 +77,7 @@ from twisted_lab.bus.resp import (
     RespProtocolError,
     encodeCommand,
 )
+from twisted_lab.codecs import events
 from twisted_lab.ports import IBus
 
 DEFAULT_PORT = 6379
@@ -232,7 +233,7 @@ class RespClientProtocol(Protocol):
     def _violation(self, reason: str) -> None:
         self.log.error(
             "{label}: the server broke the protocol ({reason}): reconnecting",
-            event="bus_protocol_error",
+            event=events.BUS_PROTOCOL_ERROR,
             label=self.label,
             reason=reason,
         )
@@ -269,7 +270,7 @@ class RespClientProtocol(Protocol):
         self._deadline = None
         self.log.warn(
             "{label}: nothing from the server for {seconds} seconds: reconnecting",
-            event="bus_unresponsive",
+            event=events.BUS_UNRESPONSIVE,
             label=self.label,
             seconds=self.pingInterval + self.pingTimeout,
         )
@@ -416,7 +417,7 @@ class _Link:
             return
         self.ready = protocol
         self.failedAttempts = 0
-        self.log.info("{label} connected", event="bus_connected", label=self.label)
+        self.log.info("{label} connected", event=events.BUS_CONNECTED, label=self.label)
         waiters, self._readyWaiters = self._readyWaiters, []
         self._onReady(protocol)
         for waiter in waiters:
@@ -427,7 +428,7 @@ class _Link:
             return  # lost() takes it from here
         self.log.warn(
             "{label}: the server refused the connection's setup ({reason})",
-            event="bus_setup_failed",
+            event=events.BUS_SETUP_FAILED,
             label=self.label,
             reason=failure.getErrorMessage(),
         )
@@ -439,7 +440,7 @@ class _Link:
             return
         self.log.info(
             "{label}: cannot connect ({reason})",
-            event="bus_connect_failed",
+            event=events.BUS_CONNECT_FAILED,
             label=self.label,
             reason=failure.getErrorMessage(),
         )
@@ -457,7 +458,7 @@ class _Link:
         if wasReady:
             self.log.warn(
                 "{label}: connection lost ({reason})",
-                event="bus_connection_lost",
+                event=events.BUS_CONNECTION_LOST,
                 label=self.label,
                 reason=reason.getErrorMessage(),
             )
@@ -666,7 +667,7 @@ class RedisBus(Service):
             except Exception:  # noqa: BLE001 (one callback's bug stays its own)
                 self.log.failure(
                     "a bus reconnection callback failed",
-                    event="bus_reconnect_callback_failed",
+                    event=events.BUS_RECONNECT_CALLBACK_FAILED,
                 )
                 continue
             if isinstance(result, defer.Deferred):
@@ -674,7 +675,7 @@ class RedisBus(Service):
                     lambda failure: self.log.failure(
                         "a bus reconnection callback failed",
                         failure,
-                        event="bus_reconnect_callback_failed",
+                        event=events.BUS_RECONNECT_CALLBACK_FAILED,
                     )
                 )
 
@@ -693,7 +694,7 @@ class RedisBus(Service):
                 return  # the next connection subscribes to every channel
             self.log.warn(
                 "{command} {channel} failed ({reason}): reconnecting",
-                event="bus_subscription_failed",
+                event=events.BUS_SUBSCRIPTION_FAILED,
                 command=command.decode(),
                 channel=channel,
                 reason=failure.getErrorMessage(),

@@ -576,8 +576,8 @@ class StoredServerOptions(ServerOptions):
             "bus",
             None,
             None,
-            "The bus between nodes: redis://host:6379/0.  Without it this "
-            "node is alone.",
+            "The bus between nodes: redis://host:6379/0.  Without it (or "
+            "with 'local') this node is alone.",
         ],
         [
             "node",
@@ -591,9 +591,10 @@ class StoredServerOptions(ServerOptions):
         super().postOptions()
         if self["node"] is None:
             self["node"] = f"{socket.gethostname()}-{os.getpid()}"
-        if self["bus"] is not None and not self["bus"].startswith("redis://"):
+        bus = self["bus"]
+        if bus is not None and bus != "local" and not bus.startswith("redis://"):
             raise usage.UsageError(
-                f"--bus takes redis://host:port/db, not {self['bus']!r}"
+                f"--bus takes redis://host:port/db (or local), not {bus!r}"
             )
 
     def openStore(self) -> Any:
