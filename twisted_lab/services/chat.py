@@ -627,6 +627,7 @@ class ChatService(AuthService):
             deliver=lambda rows: self._deliverRoom(room, rows),
             budget=self.heldBudget,
             log=self.log,
+            admit=self._admit,
         )
         if self.link is not None:
             self.link.watchRoom(name)

@@ -27,7 +27,9 @@ The rule, the same for every source:
 What a feed holds is bounded, node-wide, by a L{HeldBudget}: past it,
 messages are not held but only noted as heard (they are read from the
 store when the gap is filled).  A read that fails (the database is down)
-is retried with a back-off while the room has members here.
+is retried with a back-off while the room has members here.  What a feed
+logs goes through the node's log budget (C{admit}): with the database down,
+every room of a node retries, and a few lines say so.
 """
 
 from __future__ import annotations
@@ -110,9 +112,13 @@ class RoomFeed:
         budget: HeldBudget | None = None,
         grace: float = GAP_GRACE,
         log: Logger | None = None,
+        admit: Callable[[str], bool] = lambda event: True,
     ) -> None:
         if log is not None:
             self.log = log
+        #: Whether an event may be logged now (the node's log budget: a
+        #: database down while every room retries writes a few lines).
+        self.admit = admit
         self.room = room
         self.delivered = delivered
         self.heardOf = delivered
@@ -303,14 +309,15 @@ class RoomFeed:
         # wrong.  Look again later, less and less often; at the longest
         # interval, give the claim up (the next message reopens a real gap).
         if self._retryDelay >= RETRY_MAX:
-            self.log.error(
-                "{room}: seq {heard} was announced and is not in the store"
-                " (delivered up to {delivered}): given up",
-                event=events.FEED_STORE_GAP,
-                room=self.room,
-                heard=self.heardOf,
-                delivered=self.delivered,
-            )
+            if self.admit(events.FEED_STORE_GAP):
+                self.log.error(
+                    "{room}: seq {heard} was announced and is not in the store"
+                    " (delivered up to {delivered}): given up",
+                    event=events.FEED_STORE_GAP,
+                    room=self.room,
+                    heard=self.heardOf,
+                    delivered=self.delivered,
+                )
             self.heardOf = self.delivered
             self._retryDelay = RETRY_FIRST
             self._dropHeld()
@@ -331,13 +338,14 @@ class RoomFeed:
             if seq < nextSeq:
                 continue
             if seq != nextSeq:
-                self.log.error(
-                    "{room}: the store skipped from seq {expected} to {seq}",
-                    event=events.FEED_STORE_GAP,
-                    room=self.room,
-                    expected=nextSeq,
-                    seq=seq,
-                )
+                if self.admit(events.FEED_STORE_GAP):
+                    self.log.error(
+                        "{room}: the store skipped from seq {expected} to {seq}",
+                        event=events.FEED_STORE_GAP,
+                        room=self.room,
+                        expected=nextSeq,
+                        seq=seq,
+                    )
                 break
             held = self._held.pop(seq, None)
             if held is not None:
@@ -354,13 +362,15 @@ class RoomFeed:
     def _readFailed(self, error: Exception) -> None:
         delay = self._retryDelay
         self._retryDelay = min(self._retryDelay * 2, RETRY_MAX)
-        self.log.warn(
-            "{room}: cannot read the store to catch up ({reason}); again in {delay} s",
-            event=events.FEED_READ_FAILED,
-            room=self.room,
-            reason=str(error) or type(error).__name__,
-            delay=delay,
-        )
+        if self.admit(events.FEED_READ_FAILED):
+            self.log.warn(
+                "{room}: cannot read the store to catch up ({reason});"
+                " again in {delay} s",
+                event=events.FEED_READ_FAILED,
+                room=self.room,
+                reason=str(error) or type(error).__name__,
+                delay=delay,
+            )
         self._cancelTimer()
         self._timer = self._clock.callLater(delay, self._retry)
 
@@ -371,9 +381,10 @@ class RoomFeed:
 
     def _fillBroke(self, failure: Any) -> None:
         self._filling = False
-        self.log.failure(
-            "{room}: the catch-up failed",
-            failure,
-            event=events.FEED_READ_FAILED,
-            room=self.room,
-        )
+        if self.admit(events.FEED_READ_FAILED):
+            self.log.failure(
+                "{room}: the catch-up failed",
+                failure,
+                event=events.FEED_READ_FAILED,
+                room=self.room,
+            )
