@@ -337,7 +337,8 @@ class NodePresence:
     ) -> defer.Deferred[tuple[bool, list[str], list[Pair], list[str]]]:
         """
         Renew this node's entry; reap expired nodes if C{reap}.  Fires with
-        (this node had no entry, the live nodes, the pairs gone
+        (this node had no live entry: none, or one expired, which a
+        survivor may have begun to reap; the live nodes, the pairs gone
         cluster-wide, the nodes reaped).
         """
         raise NotImplementedError
@@ -443,7 +444,9 @@ class LocalDirectory:
         self, node: str, ttl: float, reap: bool
     ) -> tuple[bool, list[str], list[Pair], list[str]]:
         now = self.clock.seconds()
-        fresh = node not in self.expiry
+        # An entry that has expired counts as none: the node may have been
+        # reaped in part (as the Redis script does, REAP_BUDGET at a time).
+        fresh = self.expiry.get(node, -1.0) < now
         self.expiry[node] = now + ttl
         departed: list[Pair] = []
         reaped: list[str] = []
@@ -695,8 +698,11 @@ local ttl, reap, budget = tonumber(ARGV[3]), ARGV[4] == '1', tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nodes = p .. 'nodes'
-local fresh = 0
-if not redis.call('ZSCORE', nodes, node) then fresh = 1 end
+-- Fresh: no entry, or one already expired (this node was taken for dead,
+-- and a survivor may be reaping its share a budget at a time: what it has
+-- removed must be written again).
+local fresh, score = 0, redis.call('ZSCORE', nodes, node)
+if not score or tonumber(score) < now then fresh = 1 end
 redis.call('ZADD', nodes, now + ttl, node)
 local departed, reaped = {}, {}
 if reap then
