@@ -123,8 +123,9 @@ class Server:
         waited = 0.0
         while self.process.poll() is None:
             if waited > DEADLINE:
-                self.process.kill()
-                raise AssertionError(f"twistd did not exit:\n{self.log()}")
+                raise AssertionError(
+                    f"twistd did not exit:\n{self.log()}\n{self.postMortem()}"
+                )
             await pause()
             waited += 0.05
         return self.process.returncode
@@ -133,6 +134,30 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def postMortem(self) -> str:
+        """
+        What a process that stopped answering was doing: its scheduler state
+        (a stopped process shows T) and, after SIGABRT, the Python traceback
+        of every thread (PYTHONFAULTHANDLER), then it is killed.
+        """
+        assert self.process is not None
+        pid = self.process.pid
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            state = next(
+                (line for line in status.splitlines() if line.startswith("State:")),
+                "State: ?",
+            )
+        except OSError as e:
+            state = f"State: unknown ({e})"
+        self.process.send_signal(signal.SIGABRT)
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        return f"{state}\nits output:\n{self.output()[-20000:]}"
 
     def output(self) -> str:
         """

@@ -88,6 +88,9 @@ def subprocessEnv(**extra: str) -> dict[str, str]:
         [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     env["PYTHONUNBUFFERED"] = "1"
+    # A process that stops answering can be made to say where it is: on
+    # SIGABRT it prints every thread's Python traceback (see e2e.Server).
+    env["PYTHONFAULTHANDLER"] = "1"
     env.update(extra)
     return env
 
