@@ -381,6 +381,22 @@ def message(channel: str, payload: bytes) -> bytes:
     return encodeReply([b"message", channel.encode(), payload])
 
 
+def resubscribed(
+    test: SynchronousTestCase, subscriber: RespClientProtocol, *channels: str
+) -> None:
+    """
+    A new subscriber connection's set-up: a PING (it is ready only once
+    the server answers), then SUBSCRIBE to every channel; answer both.
+    """
+    expected = encodeCommand(b"PING")
+    if channels:
+        expected += encodeCommand(b"SUBSCRIBE", *channels)
+    test.assertEqual(sent(subscriber), expected)
+    subscriber.dataReceived(b"+PONG\r\n")
+    if channels:
+        subscriber.dataReceived(confirmations(b"subscribe", *channels))
+
+
 def lose(protocol: RespClientProtocol, reason: Exception | None = None) -> None:
     protocol.connectionLost(Failure(reason or ConnectionDone()))
 
@@ -414,13 +430,11 @@ class RedisBusProtocolTests(SynchronousTestCase):
         made = self.endpoint.succeed()
         commands = next(p for p in made if not isinstance(p, SubscriberProtocol))
         subscriber = next(p for p in made if isinstance(p, SubscriberProtocol))
-        self.assertEqual(sent(commands), encodeCommand(b"SELECT", 3))
-        commands.dataReceived(b"+OK\r\n")
-        if channels:
-            self.assertEqual(sent(subscriber), encodeCommand(b"SUBSCRIBE", *channels))
-            subscriber.dataReceived(confirmations(b"subscribe", *channels))
-        else:
-            self.assertEqual(sent(subscriber), b"")
+        self.assertEqual(
+            sent(commands), encodeCommand(b"SELECT", 3) + encodeCommand(b"PING")
+        )
+        commands.dataReceived(b"+OK\r\n+PONG\r\n")
+        resubscribed(self, subscriber, *channels)
         return commands, subscriber
 
     def test_providesIBus(self) -> None:
@@ -488,7 +502,10 @@ class RedisBusProtocolTests(SynchronousTestCase):
         self.clock.advance(1.0)
         [again] = self.endpoint.succeed()
         self.assertIsInstance(again, SubscriberProtocol)
-        self.assertEqual(sent(again), encodeCommand(b"SUBSCRIBE", "a", "b"))
+        self.assertEqual(
+            sent(again), encodeCommand(b"PING") + encodeCommand(b"SUBSCRIBE", "a", "b")
+        )
+        again.dataReceived(b"+PONG\r\n")
         again.dataReceived(confirmations(b"subscribe", "a"))
         self.assertEqual(self.reconnects, [])
         again.dataReceived(confirmations(b"subscribe", "b")[:-3])
@@ -513,8 +530,7 @@ class RedisBusProtocolTests(SynchronousTestCase):
         self.assertEqual(self.reconnects, [])
         self.clock.advance(1.0)
         [third] = self.endpoint.succeed()
-        self.assertEqual(sent(third), encodeCommand(b"SUBSCRIBE", "a"))
-        third.dataReceived(confirmations(b"subscribe", "a"))
+        resubscribed(self, third, "a")
         self.assertEqual(self.reconnects, ["reconnected"])
 
     def test_subscribedDuringTheResubscription(self) -> None:
@@ -527,7 +543,9 @@ class RedisBusProtocolTests(SynchronousTestCase):
         self.bus.subscribe("b", print)
         self.assertEqual(
             sent(again),
-            encodeCommand(b"SUBSCRIBE", "a") + encodeCommand(b"SUBSCRIBE", "b"),
+            encodeCommand(b"PING")
+            + encodeCommand(b"SUBSCRIBE", "a")
+            + encodeCommand(b"SUBSCRIBE", "b"),
         )
 
     def test_aFirstConnectionAfterFailuresCallsOnReconnect(self) -> None:
@@ -551,7 +569,9 @@ class RedisBusProtocolTests(SynchronousTestCase):
         commands, subscriber = self.connect()
         lose(subscriber)
         self.clock.advance(1.0)
-        self.endpoint.succeed()
+        [again] = self.endpoint.succeed()
+        self.assertEqual(self.reconnects, [], "ready once the server answers")
+        resubscribed(self, again)
         self.assertEqual(self.reconnects, ["reconnected"])
         self.assertEqual(
             [e.get("event") for e in self.events], ["bus_reconnect_callback_failed"]
@@ -572,9 +592,13 @@ class RedisBusProtocolTests(SynchronousTestCase):
 
         self.clock.advance(1.0)
         [again] = self.endpoint.succeed()
-        self.assertEqual(sent(again), encodeCommand(b"SELECT", 3))
+        self.assertEqual(
+            sent(again), encodeCommand(b"SELECT", 3) + encodeCommand(b"PING")
+        )
         self.failureResultOf(self.bus.publish("room", b"3"), BusUnavailable)
         again.dataReceived(b"+OK\r\n")
+        self.failureResultOf(self.bus.publish("room", b"3"), BusUnavailable)
+        again.dataReceived(b"+PONG\r\n")
         published = self.bus.publish("room", b"4")
         again.dataReceived(b":0\r\n")
         self.assertEqual(self.successResultOf(published), 0)
@@ -590,6 +614,7 @@ class RedisBusProtocolTests(SynchronousTestCase):
         bus.startService()
         made = self.endpoint.succeed()
         commands = next(p for p in made if not isinstance(p, SubscriberProtocol))
+        commands.dataReceived(b"+PONG\r\n")  # the set-up's PING
         first = bus.publish("room", b"1")
         second = bus.publish("room", b"2")
         self.failureResultOf(bus.publish("room", b"3"), BusOverloaded)
@@ -668,7 +693,9 @@ class RedisBusProtocolTests(SynchronousTestCase):
             capturedLog(link)
         bus.startService()
         for protocol in self.endpoint.succeed():
-            self.assertEqual(sent(protocol), encodeCommand(b"AUTH", "user", "secret"))
+            self.assertTrue(
+                sent(protocol).startswith(encodeCommand(b"AUTH", "user", "secret"))
+            )
             protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
             self.assertTrue(aborted(protocol))
             lose(protocol, ConnectionAborted())
@@ -777,22 +804,91 @@ class RedisBusProtocolTests(SynchronousTestCase):
         )
         self.assertRaises(ValueError, self.bus.hset, "h", {})
 
-    def test_evalFallsBackFromEvalsha(self) -> None:
+    def test_evalLoadsTheScriptAheadOfItsFirstEvalsha(self) -> None:
+        """
+        A script new to the connection is sent with SCRIPT LOAD pipelined
+        ahead of its EVALSHA: it runs where it was sent, never after a
+        command sent behind it (an EVAL sent only once a NOSCRIPT error
+        came back would).
+        """
         self.bus.startService()
         commands, subscriber = self.connect()
         script = "return redis.call('INCR', KEYS[1])"
         sha = hashlib.sha1(script.encode()).hexdigest()
         result = self.bus.eval(script, ["n"], [7])
-        self.assertEqual(sent(commands), encodeCommand(b"EVALSHA", sha, 1, "n", 7))
-        commands.dataReceived(b"-NOSCRIPT No matching script.\r\n")
-        self.assertEqual(sent(commands), encodeCommand(b"EVAL", script, 1, "n", 7))
-        commands.dataReceived(b":1\r\n")
+        behind = self.bus.get("n")
+        self.assertEqual(
+            sent(commands),
+            encodeCommand(b"SCRIPT", b"LOAD", script)
+            + encodeCommand(b"EVALSHA", sha, 1, "n", 7)
+            + encodeCommand(b"GET", "n"),
+        )
+        commands.dataReceived(f"${len(sha)}\r\n{sha}\r\n:1\r\n$1\r\n1\r\n".encode())
         self.assertEqual(self.successResultOf(result), 1)
+        self.assertEqual(self.successResultOf(behind), b"1")
 
         again = self.bus.eval(script, ["n"])
         self.assertEqual(sent(commands), encodeCommand(b"EVALSHA", sha, 1, "n"))
         commands.dataReceived(b":2\r\n")
         self.assertEqual(self.successResultOf(again), 2)
+
+        # A new connection (a restarted server knows no script) loads every
+        # script before it is ready.
+        lose(commands)
+        self.clock.advance(1.0)
+        [fresh] = self.endpoint.succeed()
+        self.assertEqual(
+            sent(fresh),
+            encodeCommand(b"SELECT", 3)
+            + encodeCommand(b"SCRIPT", b"LOAD", script)
+            + encodeCommand(b"PING"),
+        )
+        self.failureResultOf(self.bus.eval(script, ["n"]), BusUnavailable)
+        fresh.dataReceived(f"+OK\r\n${len(sha)}\r\n{sha}\r\n+PONG\r\n".encode())
+        third = self.bus.eval(script, ["n"])
+        self.assertEqual(sent(fresh), encodeCommand(b"EVALSHA", sha, 1, "n"))
+        fresh.dataReceived(b":3\r\n")
+        self.assertEqual(self.successResultOf(third), 3)
+
+    def test_scriptsLostUnderALiveConnection(self) -> None:
+        """
+        The server lost its scripts under a live connection (SCRIPT FLUSH):
+        EVAL is sent in place of an EVALSHA only when nothing was sent
+        behind it; otherwise the eval fails (its caller writes its state
+        again) rather than run out of order.
+        """
+        self.bus.startService()
+        commands, subscriber = self.connect()
+        script = "return 1"
+        sha = hashlib.sha1(script.encode()).hexdigest()
+        loaded = f"${len(sha)}\r\n{sha}\r\n".encode()
+        first = self.bus.eval(script)
+        commands.dataReceived(loaded + b":1\r\n")
+        self.successResultOf(first)
+        sent(commands)
+
+        alone = self.bus.eval(script)
+        self.assertEqual(sent(commands), encodeCommand(b"EVALSHA", sha, 0))
+        commands.dataReceived(b"-NOSCRIPT No matching script.\r\n")
+        self.assertEqual(sent(commands), encodeCommand(b"EVAL", script, 0))
+        commands.dataReceived(b":1\r\n")
+        self.assertEqual(self.successResultOf(alone), 1)
+
+        # (The script is loaded again ahead of the next EVALSHA.)
+        followed = self.bus.eval(script)
+        behind = self.bus.get("k")
+        self.assertEqual(
+            sent(commands),
+            encodeCommand(b"SCRIPT", b"LOAD", script)
+            + encodeCommand(b"EVALSHA", sha, 0)
+            + encodeCommand(b"GET", "k"),
+        )
+        commands.dataReceived(loaded + b"-NOSCRIPT No matching script.\r\n")
+        failure = self.failureResultOf(followed, RedisError)
+        self.assertEqual(failure.value.kind, "NOSCRIPT")
+        self.assertEqual(sent(commands), b"", "no EVAL behind the GET")
+        commands.dataReceived(b"$-1\r\n")
+        self.assertIsNone(self.successResultOf(behind))
 
 
 class RedisURLTests(SynchronousTestCase):

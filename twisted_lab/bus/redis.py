@@ -31,7 +31,11 @@ Two connections per node, as every Redis client does it: one for PUBLISH
 and the shared-state commands, one in subscriber mode.  On each new
 subscriber connection every channel is subscribed first, and only then are
 the C{onReconnect} callbacks called (the chat service catches up from the
-database there: whatever is published after that point reaches it).
+database there: whatever is published after that point reaches it).  A new
+connection counts as ready only once the server has answered its set-up
+(a PING at least: the kernel of a frozen server accepts connections), and
+the commands connection loads every Lua script the bus has run before it
+is ready, so that scripts run in the order they were sent (L{RedisBus.eval}).
 
 Memory is bounded: commands awaiting their answer (count and bytes) per
 connection, and every reply the parser buffers (L{RespParser}'s limits).
@@ -81,6 +85,9 @@ from twisted_lab.codecs import events
 from twisted_lab.ports import IBus
 
 DEFAULT_PORT = 6379
+#: Distinct Lua scripts a bus remembers to load on each new connection
+#: (the callers' scripts are constants: a handful).
+MAX_SCRIPTS = 256
 
 
 class RedisAddress(NamedTuple):
@@ -164,6 +171,10 @@ class RespClientProtocol(Protocol):
         self.lost = False
         self._lostWaiters: list[defer.Deferred[None]] = []
         self.onLost: Callable[[RespClientProtocol, Failure], None] | None = None
+        #: The digests of the Lua scripts sent to the server with SCRIPT
+        #: LOAD on this connection (and not known to be lost since): an
+        #: EVALSHA of one of them, sent after, finds it there.
+        self.scripts: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -555,6 +566,9 @@ class RedisBus(Service):
         self.maxPendingBytes = maxPendingBytes
         self._receivers = Receivers()
         self._reconnectCallbacks: list[Callable[..., object]] = []
+        #: The Lua scripts run through this bus (digest -> text), loaded
+        #: on each new commands connection before it is ready.
+        self._scripts: dict[str, str] = {}
         #: Publications may have been missed since the last subscriber
         #: connection: a loss, or a first connection that did not come at
         #: once.
@@ -625,6 +639,13 @@ class RedisBus(Service):
         steps = self._prepare(protocol)
         if self.address.db:
             steps.append(protocol.execute(b"SELECT", self.address.db))
+        # Every script this bus has run is loaded before the connection
+        # counts as ready: after a restart or a failover the server knows
+        # none, and an EVALSHA must never meet NOSCRIPT (see eval).
+        # (A script the server refuses fails its own eval, not the setup.)
+        for sha, script in list(self._scripts.items()):
+            self._loadScript(protocol, sha, script).addErrback(lambda _: None)
+        steps.append(protocol.execute(b"PING"))
         return defer.gatherResults(steps, consumeErrors=True)
 
     def _makeProtocol(
@@ -647,6 +668,7 @@ class RedisBus(Service):
 
     def _prepareSubscriber(self, protocol: RespClientProtocol) -> defer.Deferred[Any]:
         steps = self._prepare(protocol)
+        steps.append(protocol.execute(b"PING"))
         channels = self._receivers.channels()
         if channels:
             steps.append(
@@ -802,19 +824,59 @@ class RedisBus(Service):
         args: Iterable[Argument] = (),
     ) -> defer.Deferred[Any]:
         """
-        Run a Lua script atomically (EVALSHA, falling back to EVAL the
-        first time the server has not seen it).
+        Run a Lua script atomically, in the order of the commands sent on
+        the commands connection (EVALSHA, the script loaded beforehand).
+
+        The order matters to the callers (a join then a leave of one
+        member; a resync's chunks and the changes made meanwhile), so a
+        script never runs later than a command sent after it: a script
+        new to this connection is sent with SCRIPT LOAD, pipelined ahead
+        of its EVALSHA, and every script the bus knows is loaded on each
+        new connection before it counts as ready.  Should the server lose
+        its scripts under a live connection (SCRIPT FLUSH), a NOSCRIPT
+        error is answered with EVAL only if nothing was sent behind the
+        EVALSHA; otherwise it fails (L{RedisError} NOSCRIPT), as any
+        command that could not run, and the caller writes its state again.
         """
         keys = list(keys)
         args = list(args)
-        digest = hashlib.sha1(script.encode("utf-8"), usedforsecurity=False)
-        sha = digest.hexdigest()
+        protocol = self._commands.ready
+        if protocol is None:
+            return defer.fail(BusUnavailable(f"not connected to {self.address}"))
+        sha = hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
+        if sha not in self._scripts and len(self._scripts) < MAX_SCRIPTS:
+            self._scripts[sha] = script
+        if sha not in protocol.scripts:
+            refused: list[Failure] = []
+            self._loadScript(protocol, sha, script).addErrback(refused.append)
+            if refused:  # not sent (overloaded): nor is the script run
+                return defer.fail(refused[0])
 
         def unknown(failure: Failure) -> defer.Deferred[Any] | Failure:
-            error = failure.check(RedisError) and failure.value
-            if isinstance(error, RedisError) and error.kind == "NOSCRIPT":
-                return self.execute(b"EVAL", script, len(keys), *keys, *args)
+            error = failure.value
+            if not (isinstance(error, RedisError) and error.kind == "NOSCRIPT"):
+                return failure
+            protocol.scripts.discard(sha)
+            if protocol is self._commands.ready and protocol.pending == 0:
+                # Nothing was sent behind it: run now, it still runs in order.
+                return protocol.execute(b"EVAL", script, len(keys), *keys, *args)
             return failure
 
-        running = self.execute(b"EVALSHA", sha, len(keys), *keys, *args)
+        running = protocol.execute(b"EVALSHA", sha, len(keys), *keys, *args)
         return running.addErrback(unknown)
+
+    def _loadScript(
+        self, protocol: RespClientProtocol, sha: str, script: str
+    ) -> defer.Deferred[Any]:
+        """
+        SCRIPT LOAD on C{protocol}: what is sent after it finds the script.
+        """
+        protocol.scripts.add(sha)
+
+        def failed(failure: Failure) -> Failure:
+            protocol.scripts.discard(sha)
+            if failure.check(RedisError):  # refused: not worth loading again
+                self._scripts.pop(sha, None)
+            return failure
+
+        return protocol.execute(b"SCRIPT", b"LOAD", script).addErrback(failed)
