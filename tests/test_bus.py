@@ -560,6 +560,24 @@ class RedisBusProtocolTests(SynchronousTestCase):
         self.connect("a")
         self.assertEqual(self.reconnects, ["reconnected"])
 
+    def test_aLostCommandsConnectionCallsOnReconnectToo(self) -> None:
+        """
+        The commands connection made again may reach another server (a
+        failover) or one restarted with older state: the callbacks are
+        called once both connections are ready again.
+        """
+        self.bus.startService()
+        commands, subscriber = self.connect()
+        lose(commands)
+        self.clock.advance(1.0)
+        [again] = self.endpoint.succeed()
+        self.assertEqual(self.reconnects, [])
+        self.assertEqual(
+            sent(again), encodeCommand(b"SELECT", 3) + encodeCommand(b"PING")
+        )
+        again.dataReceived(b"+OK\r\n+PONG\r\n")
+        self.assertEqual(self.reconnects, ["reconnected"])
+
     def test_aFailingCallbackDoesNotStopTheOthers(self) -> None:
         def broken() -> None:
             raise ZeroDivisionError

@@ -233,7 +233,10 @@ class IBus(Interface):
     def onReconnect(callback: object) -> None:
         """
         Call C{callback()} each time the bus is connected again after a
-        loss (publications meanwhile may be lost: catch up from the store).
+        loss, once every channel is subscribed again (publications
+        meanwhile may be lost: catch up from the store; and the server may
+        be another one, or have restarted with older state or none: write
+        again what this node keeps there).
         """
 
 

@@ -569,9 +569,9 @@ class RedisBus(Service):
         #: The Lua scripts run through this bus (digest -> text), loaded
         #: on each new commands connection before it is ready.
         self._scripts: dict[str, str] = {}
-        #: Publications may have been missed since the last subscriber
-        #: connection: a loss, or a first connection that did not come at
-        #: once.
+        #: Publications may have been missed, or the server changed, since
+        #: the connections were last both ready: a loss of either, or a
+        #: first connection that did not come at once.
         self._missed = False
         self._commands = _Link(
             f"bus commands {self.address}",
@@ -580,6 +580,8 @@ class RedisBus(Service):
             lambda: self._makeProtocol(RespClientProtocol, "commands"),
             self._prepareCommands,
             policy,
+            onReady=self._linkReady,
+            onDown=self._linkDown,
         )
         self._subscriber = _Link(
             f"bus subscriber {self.address}",
@@ -588,8 +590,8 @@ class RedisBus(Service):
             self._makeSubscriber,
             self._prepareSubscriber,
             policy,
-            onReady=self._subscriberReady,
-            onDown=self._subscriberDown,
+            onReady=self._linkReady,
+            onDown=self._linkDown,
         )
 
     # Service
@@ -676,11 +678,14 @@ class RedisBus(Service):
             )
         return defer.gatherResults(steps, consumeErrors=True)
 
-    def _subscriberDown(self) -> None:
+    def _linkDown(self) -> None:
         self._missed = True
 
-    def _subscriberReady(self, protocol: RespClientProtocol) -> None:
-        if not self._missed:
+    def _linkReady(self, protocol: RespClientProtocol) -> None:
+        # Called once both connections are ready again after either was
+        # lost: the server may be another one (a failover) or have lost
+        # or rolled back its state (a restart), not only publications.
+        if not self._missed or not self.connected:
             return
         self._missed = False
         for callback in list(self._reconnectCallbacks):

@@ -59,7 +59,7 @@ from twisted_lab.services.auth import (
 from twisted_lab.services.cluster import ClusterLink
 from twisted_lab.services.context import ServerContext
 from twisted_lab.services.limits import RequestLimit, TokenBucket
-from twisted_lab.services.presence import LocalDirectory, Pair
+from twisted_lab.services.presence import LocalDirectory, NodePresence, Pair
 from twisted_lab.services.roomfeed import HeldBudget, RoomFeed
 
 DEFAULT_PORT = 9093
@@ -834,8 +834,13 @@ class ChatService(AuthService):
     def busReconnected(self) -> None:
         """
         Publications may have been lost while the bus was away: every room
-        reads the store.
+        reads the store.  And the directory may have come back older (a
+        failover to a replica that was behind, a restart from a snapshot)
+        with this node's entry in it, so that nothing else would tell the
+        node to write its share again: it does at its next heartbeat.
         """
+        if isinstance(self.presence, NodePresence):
+            self.presence.suspect()
         self._catchUpAll("the bus reconnected")
 
     def _nodesGone(self, nodes: set[str]) -> None:

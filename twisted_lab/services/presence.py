@@ -162,6 +162,16 @@ class NodePresence:
     ) -> defer.Deferred[tuple[float, list[str]]]:
         return self._route(user, rate, burst)
 
+    def suspect(self) -> None:
+        """
+        The directory may not hold this node's share any more, though no
+        change failed and the node's entry is still there: the bus
+        reconnected, and its server may be a replica that was behind (a
+        failover) or have restarted from an old snapshot.  The next
+        heartbeat writes the share again.
+        """
+        self.dirty = True
+
     def start(self) -> None:
         """
         Begin the heartbeats (the first one at once).
