@@ -28,7 +28,12 @@ from twisted_lab.dispatch import RequestDispatcher
 from twisted_lab.observe.metrics import ServerStats
 from twisted_lab.ports import IBus, IPresence, IRequestChannel
 from twisted_lab.services import cluster
-from twisted_lab.services.chat import STOP_GRACE, SUBSCRIBE_SETTLE, ChatService
+from twisted_lab.services.chat import (
+    DIRECTORY_DEADLINE,
+    STOP_GRACE,
+    SUBSCRIBE_SETTLE,
+    ChatService,
+)
 from twisted_lab.services.cluster import ROOM_CHANNEL, ClusterLink
 from twisted_lab.services.context import ServerContext
 from twisted_lab.services.presence import (
@@ -786,6 +791,43 @@ class DirectoryDownTests(ClusterHarness):
         self.settle()
         self.assertEqual(bob.ask(type="who", room="lobby")["members"], ["alice", "bob"])
         self.assertEqual(bob.ask(type="msg", to="alice", text="hi")["type"], "sent")
+
+
+class FrozenDirectoryTests(ClusterHarness):
+    """
+    The directory accepts calls and answers none (a frozen Redis server).
+    """
+
+    def test_msgAnswersWithinTheDeadlineThenAtOnce(self) -> None:
+        a, b = self.node("a"), self.node("b")
+        alice, bob = self.member(a, "alice"), self.member(b, "bob")
+        alice2 = self.member(a, "alice")
+        calls: list[defer.Deferred[Any]] = []
+
+        def frozen(*args: Any) -> defer.Deferred[Any]:
+            calls.append(defer.Deferred())
+            return calls[-1]
+
+        for name in FAILING:
+            self.patch(a.presence, name, frozen)
+        alice.send(type="msg", to="bob", text="?")
+        self.clock.advance(DIRECTORY_DEADLINE - 0.01)
+        self.assertEqual(alice.received("error"), [])
+        self.clock.advance(0.01)
+        [error] = alice.received("error")
+        self.assertEqual(error["code"], "internal_error", "bob is on another node")
+        # Late now: the next requests do not wait.
+        self.assertEqual(alice2.ask(type="msg", to="alice", text="me")["type"], "sent")
+        self.assertEqual(len(alice.received("private")), 1)
+        self.assertEqual(alice.ask(type="who", room="lobby")["members"], [])
+        # The directory answers again: requests wait for it again.
+        calls[0].callback((0.0, ["b"]))
+        alice.send(type="msg", to="bob", text="back")
+        self.assertEqual(alice.received("sent"), [])
+        calls[-1].callback((0.0, ["b"]))
+        self.settle()
+        self.assertEqual(len(alice.received("sent")), 1)
+        self.assertEqual([m["text"] for m in bob.received("private")], ["back"])
 
 
 class LinkTests(ClusterHarness):

@@ -86,6 +86,18 @@ STOP_GRACE = 2.0
 #: Catch-up reads of the store running at once (a bus reconnection makes
 #: every room of the node read).
 CONCURRENT_READS = 4
+#: Seconds a request waits for the presence directory (join, who, rooms,
+#: msg) before it answers from this node's own members.  Once one wait has
+#: run out, requests answer from this node at once until the directory
+#: answers something again (a frozen Redis server holds no request).
+DIRECTORY_DEADLINE = 1.0
+
+
+class DirectoryLate(Exception):
+    """
+    The presence directory did not answer within L{DIRECTORY_DEADLINE}.
+    """
+
 
 #: The rate of each request kind (docs/protocol.md, "Limits"): joins and
 #: leaves (which others see as presence) share one bucket; room and
@@ -278,7 +290,10 @@ class ChatSession(AuthSession):
             raise RequestError(ErrorCode.NOT_AUTHENTICATED, "logged out meanwhile")
         room, announced = service.join(room, user, self)
         lastSeq = room.lastSeq
-        await announced
+        try:
+            await service.withinDeadline(announced)
+        except DirectoryLate:
+            pass  # members from this node; the join is announced when it answers
         rows = await self.service.store.recentHistory(room.name, HISTORY_ON_JOIN)
         count, members = await service.roomMembers(room.name)
         moreMembers = count > len(members)
@@ -485,6 +500,9 @@ class ChatService(AuthService):
         #: The node is leaving the cluster: its own members' departures
         #: are announced although they are still connected.
         self._leaving = False
+        #: The directory missed a request's deadline and has not answered
+        #: since: requests answer from this node at once.
+        self._directoryLate = False
         if presence is None:
             presence = LocalDirectory(self.clock).presence(self.node)
         else:
@@ -741,6 +759,52 @@ class ChatService(AuthService):
             if self.link is not None:
                 self.link.unwatchRoom(room.name)
 
+    def withinDeadline(self, asking: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """
+        What the directory answers to C{asking}, or L{DirectoryLate} once
+        L{DIRECTORY_DEADLINE} has passed (at once while the directory is
+        late: it missed a deadline and has not answered anything since).
+        C{asking} is not cancelled (a change of the share still reaches
+        the directory, and its callbacks still run): only the request
+        stops waiting for it (what it answers after is dropped).
+        """
+        answer: defer.Deferred[Any] = defer.Deferred()
+
+        def answered(result: Any) -> None:
+            self._directoryLate = False
+            if answer.called:
+                return
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        asking.addBoth(answered)
+        if answer.called:
+            return answer
+        if self._directoryLate:
+            answer.errback(DirectoryLate("the presence directory is late"))
+            return answer
+
+        def late() -> None:
+            self._directoryLate = True
+            if not answer.called:
+                answer.errback(
+                    DirectoryLate(
+                        f"no answer from the presence directory in"
+                        f" {DIRECTORY_DEADLINE:g} s"
+                    )
+                )
+
+        timer = self.clock.callLater(DIRECTORY_DEADLINE, late)
+
+        def stopTimer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return answer.addBoth(stopTimer)
+
     async def roomMembers(self, name: str) -> tuple[int, list[str]]:
         """
         How many users are in room C{name}, cluster-wide, and the first
@@ -748,7 +812,7 @@ class ChatService(AuthService):
         be reached).
         """
         try:
-            return await self.presence.members(name, MAX_LISTED)
+            return await self.withinDeadline(self.presence.members(name, MAX_LISTED))
         except Exception as e:  # noqa: BLE001 (the directory is a service)
             self._presenceFailed(Failure(e), "list the members of a room")
         room = self.rooms.get(name)
@@ -757,14 +821,14 @@ class ChatService(AuthService):
 
     async def roomsWithMembers(self) -> list[str]:
         try:
-            return await self.presence.rooms(MAX_LISTED)
+            return await self.withinDeadline(self.presence.rooms(MAX_LISTED))
         except Exception as e:  # noqa: BLE001
             self._presenceFailed(Failure(e), "list the rooms")
         return [name for name, room in self.rooms.items() if room.members]
 
     async def roomSizes(self, names: list[str]) -> list[int]:
         try:
-            return await self.presence.sizes(names)
+            return await self.withinDeadline(self.presence.sizes(names))
         except Exception as e:  # noqa: BLE001
             self._presenceFailed(Failure(e), "count the members of rooms")
         rooms = self.rooms
@@ -780,7 +844,9 @@ class ChatService(AuthService):
         """
         inbox = self.inbox
         try:
-            return await self.presence.route(to, inbox.rate, inbox.burst)
+            return await self.withinDeadline(
+                self.presence.route(to, inbox.rate, inbox.burst)
+            )
         except Exception as e:  # noqa: BLE001
             self._presenceFailed(Failure(e), "find a user's nodes")
         target = self.users.get(to)
