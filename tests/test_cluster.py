@@ -408,6 +408,9 @@ class ClusterHarness(SynchronousTestCase):
     def stopNode(self, service: ChatService) -> None:
         if not service.presence.stopped:  # type: ignore[attr-defined]
             self.successResultOf(service.stopCluster())
+        closing = service.closeLink()
+        self.clock.advance(STOP_GRACE)
+        self.successResultOf(closing)
         for room in list(service.rooms.values()):
             room.feed.close()
 
@@ -690,31 +693,66 @@ class TwoNodeTests(ClusterHarness):
         self.settle()
         self.assertEqual(alice.presence(), [("bob", "join"), ("bob", "leave")])
 
-    def test_aCleanStopWaitsForItsAnnouncementsToBeTaken(self) -> None:
+    def test_theLinkClosesOnceItsLastPublicationsAreTaken(self) -> None:
         """
-        The bus closes after the cluster service: a stop waits (a bounded
-        time) for the bus to answer its last publications.
+        The bus closes after the link: closing it waits (a bounded time)
+        for the bus to answer its last publications.
         """
         a, b = self.node("a"), self.node("b")
         alice, bob = self.member(a, "alice"), self.member(b, "bob")
         self.joined(alice, bob)
         b.bus.holding = []  # type: ignore[union-attr]
-        stopping = b.stopCluster()
-        self.assertNoResult(stopping)
+        self.say(bob, "last words")
+        self.successResultOf(b.stopCluster())
+        self.assertFalse(b.link.closed, "its connections are still served")  # type: ignore[union-attr]
+        closing = b.closeLink()
+        self.assertNoResult(closing)
         for answer in b.bus.holding:  # type: ignore[union-attr]
             answer.callback(None)
-        self.successResultOf(stopping)
+        self.successResultOf(closing)
         self.assertTrue(b.link.closed)  # type: ignore[union-attr]
+        self.assertEqual(alice.seqs(), [1])
 
         c = self.node("c")
         carol = self.member(c, "carol")
         self.joined(carol)
         c.bus.holding = []  # type: ignore[union-attr]
-        stopping = c.stopCluster()
+        self.say(carol, "unanswered")
+        self.successResultOf(c.stopCluster())
+        closing = c.closeLink()
         self.clock.advance(STOP_GRACE)
-        self.successResultOf(stopping)
+        self.successResultOf(closing)
         for answer in c.bus.holding:  # type: ignore[union-attr]
             answer.callback(None)  # too late: nothing happens
+
+    def test_theLinkClosesAfterTheGroupCommitInFlight(self) -> None:
+        """
+        What is committed while the node stops is published before the
+        link closes.
+        """
+        a, b = self.node("a"), self.node("b")
+        alice, bob = self.member(a, "alice"), self.member(b, "bob")
+        self.joined(alice, bob)
+        pending: list[tuple[defer.Deferred[Any], Any]] = []
+        realStore = self.store.storeMessages
+
+        def slowCommit(rows: Any) -> defer.Deferred[Any]:
+            done: defer.Deferred[Any] = defer.Deferred()
+            pending.append((done, rows))
+            return done
+
+        self.patch(self.store, "storeMessages", slowCommit)
+        bob.send(type="say", room="lobby", text="in flight")
+        self.settle()
+        self.successResultOf(b.stopCluster())
+        closing = b.closeLink()
+        self.assertNoResult(closing)
+        done, rows = pending.pop()
+        realStore(rows).chainDeferred(done)
+        self.settle()
+        self.successResultOf(closing)
+        self.assertTrue(b.link.closed)  # type: ignore[union-attr]
+        self.assertEqual(alice.seqs(), [1])
 
     def test_aNodeTakenForDeadWritesItsShareAgain(self) -> None:
         """

@@ -83,6 +83,9 @@ REPLY_SLACK = 1024
 SUBSCRIBE_SETTLE = 0.5
 #: Seconds a clean stop waits for the bus to take its last announcements.
 STOP_GRACE = 2.0
+#: Seconds a clean stop waits for the messages still coming to be committed
+#: (and so published) before it stops publishing.
+STOP_DRAIN = 10.0
 #: Catch-up reads of the store running at once (a bus reconnection makes
 #: every room of the node read).
 CONCURRENT_READS = 4
@@ -500,6 +503,7 @@ class ChatService(AuthService):
         #: The node is leaving the cluster: its own members' departures
         #: are announced although they are still connected.
         self._leaving = False
+        self._flushWaiters: list[defer.Deferred[None]] = []
         #: The directory missed a request's deadline and has not answered
         #: since: requests answer from this node at once.
         self._directoryLate = False
@@ -547,24 +551,53 @@ class ChatService(AuthService):
 
     def stopCluster(self) -> defer.Deferred[None]:
         """
-        Leave the cluster: this node's members leave the directory (their
-        leaves are announced to the other nodes), then nothing more is
-        published or heard.  Local delivery carries on while the server
-        closes its connections.
+        Leave the cluster's directory: this node's members leave it (the
+        other nodes hear their leaves at once).  The node still publishes
+        what it commits (its connections are served until the server has
+        closed them): L{closeLink}, after the server, ends that.
         """
         self._leaving = True
-        stopping = self.presence.stop()
+        return self.presence.stop()
 
-        def sent(_: object) -> defer.Deferred[None] | None:
-            if self.link is None:
-                return None
-            return self.link.whenSent(STOP_GRACE)
+    def closeLink(self) -> defer.Deferred[None]:
+        """
+        Publish and hear nothing more, once the messages still coming (the
+        group commit in flight, and those queued behind it) have been
+        committed and published, and the bus has answered its last
+        publications (each wait bounded: L{STOP_DRAIN}, L{STOP_GRACE}).
+        Called once the server has closed its connections, before the bus
+        stops: a message committed during a clean stop reaches the others.
+        """
+        link = self.link
+        if link is None or link.closed:
+            return defer.succeed(None)
 
-        def closeLink(_: object) -> None:
-            if self.link is not None:
-                self.link.close()
+        async def closing() -> None:
+            await self.whenFlushed(STOP_DRAIN)
+            await link.whenSent(STOP_GRACE)
+            link.close()
 
-        return stopping.addBoth(sent).addBoth(closeLink)
+        return defer.ensureDeferred(closing())
+
+    def whenFlushed(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Fires once no message waits for or is in a group commit, or after
+        C{timeout} seconds.
+        """
+        if not self._batch and not self._flushing:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._flushWaiters.append(waiter)
+        waiter.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
+        return waiter
+
+    def _flushed(self) -> None:
+        if self._batch or self._flushing:
+            return
+        waiters, self._flushWaiters = self._flushWaiters, []
+        for waiter in waiters:
+            if not waiter.called:  # (else it timed out)
+                waiter.callback(None)
 
     # -- users ------------------------------------------------------------------
 
@@ -1010,6 +1043,8 @@ class ChatService(AuthService):
             self._flushing = False
             if self._batch:
                 self._scheduleFlush()
+            else:
+                self._flushed()
 
         d.addCallbacks(stored, failed)
         d.addBoth(finished)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.python import usage
 
@@ -52,7 +52,8 @@ class ClusterService(Service):
     The chat node's membership of its cluster: the presence heartbeats run
     while it runs.  Started after the server and stopped before it, so a
     clean stop takes the node's members out of the directory (their leaves
-    announced on the other nodes) while the bus is still up.
+    announced on the other nodes) while the bus is still up; the node's
+    link (L{ClusterLinkService}) closes only after the server.
     """
 
     name = "cluster"
@@ -67,6 +68,35 @@ class ClusterService(Service):
     def stopService(self) -> defer.Deferred[None]:
         Service.stopService(self)
         return self.chat.stopCluster()
+
+
+class ClusterLinkService(Service):
+    """
+    The chat node's link to the other nodes: placed before the server, it
+    stops after the server has closed its connections, and before the bus
+    closes.  A message committed while the server stops is still
+    published (L{ChatService.closeLink} waits for the group commit).
+    """
+
+    name = "cluster-link"
+
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return self.chat.closeLink()
+
+
+def _insertBefore(parent: MultiService, child: Service, before: IService) -> None:
+    """
+    Add C{child} to C{parent} just before C{before} (started before it,
+    stopped after it by L{OrderedServices}).
+    """
+    child.setServiceParent(parent)
+    services = parent.services
+    services.remove(child)
+    services.insert(services.index(before), child)
 
 
 class Options(auth.Options):
@@ -177,6 +207,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         **config.authSettings(reactor),
     )
     top = config.makeStoredService("netlab-chat", store, factory, bus)
+    server = top.services[-1]
     if config["web"]:
         # Started after the Int32 server, stopped before it.
         webService(
@@ -188,5 +219,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             failed=StartupFailed,
         ).setServiceParent(top)
     if presence is not None:
+        # Stopped first: the node leaves the directory while the server
+        # still serves; then the server closes its connections; then the
+        # link publishes what was committed meanwhile and closes; then the
+        # bus.
         ClusterService(factory.service).setServiceParent(top)
+        _insertBefore(top, ClusterLinkService(factory.service), server)
     return top
