@@ -62,7 +62,8 @@ class LocalBusTests(SynchronousTestCase):
 
     def test_deliveredOnALaterTurn(self) -> None:
         got: list[bytes] = []
-        self.bus.subscribe("room", got.append)
+        subscribed = self.bus.subscribe("room", got.append)
+        self.assertIsNone(self.successResultOf(subscribed), "in effect at once")
         published = self.bus.publish("room", b"hello")
         self.assertIsNone(self.successResultOf(published))
         self.assertEqual(got, [])
@@ -484,6 +485,50 @@ class RedisBusProtocolTests(SynchronousTestCase):
         subscriber.dataReceived(confirmations(b"unsubscribe", "room"))
         self.assertEqual(got, [b"1"])
         self.assertEqual(subscriber.pending, 0)
+
+    def test_subscribeFiresOnceTheServerHasAnswered(self) -> None:
+        """
+        What a subscriber publishes before its subscription takes effect
+        is not received: C{subscribe} says when it has (the SUBSCRIBE
+        reply; or, while disconnected, the next connection's set-up).
+        """
+        early = self.bus.subscribe("early", print)
+        self.bus.startService()
+        made = self.endpoint.succeed()
+        commands = next(p for p in made if not isinstance(p, SubscriberProtocol))
+        subscriber = next(p for p in made if isinstance(p, SubscriberProtocol))
+        sent(commands)
+        commands.dataReceived(b"+OK\r\n+PONG\r\n")
+        self.assertEqual(
+            sent(subscriber),
+            encodeCommand(b"PING") + encodeCommand(b"SUBSCRIBE", "early"),
+        )
+        during = self.bus.subscribe("during", print)
+        subscriber.dataReceived(b"+PONG\r\n" + confirmations(b"subscribe", "early"))
+        self.successResultOf(early)
+        self.assertNoResult(during)
+        subscriber.dataReceived(confirmations(b"subscribe", "during"))
+        self.successResultOf(during)
+        self.successResultOf(self.bus.subscribe("during", repr))  # in effect
+
+        # Unsubscribed, then subscribed again before the server answered:
+        # the old SUBSCRIBE's answer is not the new one's.
+        self.bus.unsubscribe("early", print)
+        again = self.bus.subscribe("early", print)
+        sent(subscriber)
+        subscriber.dataReceived(confirmations(b"unsubscribe", "early"))
+        self.assertNoResult(again)
+        subscriber.dataReceived(confirmations(b"subscribe", "early"))
+        self.successResultOf(again)
+
+        # A lost connection: in effect again once the next one is set up.
+        lose(subscriber)
+        waiting = self.bus.subscribe("early", repr)
+        self.clock.advance(1.0)
+        [fresh] = self.endpoint.succeed()
+        self.assertNoResult(waiting)
+        resubscribed(self, fresh, "during", "early")
+        self.successResultOf(waiting)
 
     def test_resubscribeThenOnReconnect(self) -> None:
         """

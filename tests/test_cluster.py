@@ -290,8 +290,8 @@ class NodeBus:
             return answer
         return published
 
-    def subscribe(self, channel: str, receiver: object) -> None:
-        self.shared.subscribe(channel, receiver)
+    def subscribe(self, channel: str, receiver: object) -> defer.Deferred[None]:
+        return self.shared.subscribe(channel, receiver)
 
     def unsubscribe(self, channel: str, receiver: object) -> None:
         self.shared.unsubscribe(channel, receiver)

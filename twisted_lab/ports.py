@@ -219,10 +219,15 @@ class IBus(Interface):
         (this one included); fires once handed to the bus.
         """
 
-    def subscribe(channel: str, receiver: object) -> None:
+    def subscribe(channel: str, receiver: object) -> Deferred[None]:
         """
         Call C{receiver(payload)} on the reactor thread for each payload
-        published on C{channel} from now on (kept across reconnections).
+        published on C{channel} once the subscription is in effect (kept
+        across reconnections).  Fires when it is: with a server, once the
+        server has confirmed it (a round trip, or the next connection's);
+        what was published before is not received, and must be found in
+        the store.  Subscribing again, or a second receiver, fires once the
+        channel's subscription is in effect.
         """
 
     def unsubscribe(channel: str, receiver: object) -> None:

@@ -151,8 +151,12 @@ class LocalBus(Service):
         if self._queue and self._drain is None:
             self._drain = self._clock.callLater(0, self._deliver)
 
-    def subscribe(self, channel: str, receiver: object) -> None:
+    def subscribe(self, channel: str, receiver: object) -> defer.Deferred[None]:
+        """
+        In effect at once: the Deferred has fired.
+        """
         self._receivers.add(channel, receiver)
+        return defer.succeed(None)
 
     def unsubscribe(self, channel: str, receiver: object) -> None:
         self._receivers.remove(channel, receiver)

@@ -566,6 +566,14 @@ class RedisBus(Service):
         self.maxPendingBytes = maxPendingBytes
         self._receivers = Receivers()
         self._reconnectCallbacks: list[Callable[..., object]] = []
+        #: Channels whose subscription is in effect on the current
+        #: subscriber connection (the server answered SUBSCRIBE).
+        self._effective: set[str] = set()
+        #: Channels with a SUBSCRIBE sent alone and not answered yet: the
+        #: command sent (a later one for the channel replaces it).
+        self._subscribing: dict[str, defer.Deferred[Any]] = {}
+        #: Who waits for a channel's subscription to take effect.
+        self._subscribeWaiters: dict[str, list[defer.Deferred[None]]] = {}
         #: The Lua scripts run through this bus (digest -> text), loaded
         #: on each new commands connection before it is ready.
         self._scripts: dict[str, str] = {}
@@ -590,8 +598,8 @@ class RedisBus(Service):
             self._makeSubscriber,
             self._prepareSubscriber,
             policy,
-            onReady=self._linkReady,
-            onDown=self._linkDown,
+            onReady=self._subscriberReady,
+            onDown=self._subscriberDown,
         )
 
     # Service
@@ -603,6 +611,7 @@ class RedisBus(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         Service.stopService(self)
+        self._subscribeWaiters.clear()
         stopping = defer.gatherResults(
             [self._commands.stop(), self._subscriber.stop()], consumeErrors=True
         )
@@ -678,6 +687,24 @@ class RedisBus(Service):
             )
         return defer.gatherResults(steps, consumeErrors=True)
 
+    def _subscriberDown(self) -> None:
+        self._effective.clear()
+        self._subscribing.clear()
+        self._linkDown()
+
+    def _subscriberReady(self, protocol: RespClientProtocol) -> None:
+        # The set-up subscribed to every channel it knew of; one added
+        # during the set-up takes effect when its own SUBSCRIBE is answered.
+        for channel in self._receivers.channels():
+            if channel not in self._subscribing:
+                self._takenEffect(channel)
+        self._linkReady(protocol)
+
+    def _takenEffect(self, channel: str) -> None:
+        self._effective.add(channel)
+        for waiter in self._subscribeWaiters.pop(channel, []):
+            waiter.callback(None)
+
     def _linkDown(self) -> None:
         self._missed = True
 
@@ -715,6 +742,17 @@ class RedisBus(Service):
         if protocol is None:
             return  # the next connection subscribes to every channel
         sending = protocol.execute(command, channel)
+        if command == b"SUBSCRIBE":
+            self._subscribing[channel] = sending
+
+            def answered(_: object) -> None:
+                if self._subscribing.get(channel) is sending:
+                    del self._subscribing[channel]
+                    self._takenEffect(channel)
+
+            sending.addCallback(answered)
+        else:
+            self._subscribing.pop(channel, None)
 
         def failed(failure: Failure) -> None:
             if protocol.lost:
@@ -741,12 +779,27 @@ class RedisBus(Service):
             raise TypeError("a bus payload is bytes")
         return self.execute(b"PUBLISH", channel, payload)
 
-    def subscribe(self, channel: str, receiver: object) -> None:
+    def subscribe(self, channel: str, receiver: object) -> defer.Deferred[None]:
+        """
+        Fires once the server has answered the channel's SUBSCRIBE (on
+        this connection, or on the next one, whose set-up subscribes to
+        every channel): what is published from then on reaches
+        C{receiver}.  Never fires if the bus stops first.
+        """
         if self._receivers.add(channel, receiver):
             self._sendSubscription(b"SUBSCRIBE", channel)
+        if channel in self._effective:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._subscribeWaiters.setdefault(channel, []).append(waiter)
+        return waiter
 
     def unsubscribe(self, channel: str, receiver: object) -> None:
         if self._receivers.remove(channel, receiver):
+            self._effective.discard(channel)
+            # (Nothing to wait for any more: those waiting are told so.)
+            for waiter in self._subscribeWaiters.pop(channel, []):
+                waiter.callback(None)
             self._sendSubscription(b"UNSUBSCRIBE", channel)
 
     def onReconnect(self, callback: object) -> None:

@@ -79,7 +79,9 @@ MAX_LISTED = 1000
 REPLY_SLACK = 1024
 #: Seconds after a node subscribes to a room's channel before it reads the
 #: room's store once more: what was published before the subscription took
-#: effect on the bus server (a round trip) is found there.
+#: effect on the bus server is found there.  A fallback: the store is read
+#: when the bus confirms the subscription (IBus.subscribe fires), however
+#: long that takes.
 SUBSCRIBE_SETTLE = 0.5
 #: Seconds a clean stop waits for the bus to take its last announcements.
 STOP_GRACE = 2.0
@@ -650,11 +652,13 @@ class ChatService(AuthService):
         return await _share(loading)
 
     async def _load(self, name: str) -> Room:
+        inEffect = False
         if self.link is not None:
             # Subscribed before the last seq is read: what is published
-            # from now on is heard; what was published before is in the
-            # store, read at once, or after SUBSCRIBE_SETTLE.
-            self.link.watchRoom(name)
+            # once the subscription is in effect is heard; what was
+            # published before is in the store: read now if it was in
+            # effect before this read, else once the bus says it is.
+            inEffect = self.link.watchRoom(name).called
         try:
             lastSeq = await self.store.lastSeq(name)
         except BaseException:
@@ -665,10 +669,15 @@ class ChatService(AuthService):
             self._loading.pop(name, None)
         room = self.rooms.get(name)
         if room is None:
-            room = self._newRoom(name, lastSeq)
+            room = self._newRoom(name, lastSeq, inEffect)
         return room
 
-    def _newRoom(self, name: str, lastSeq: int) -> Room:
+    def _newRoom(self, name: str, lastSeq: int, inEffect: bool = False) -> Room:
+        """
+        A room held here, its feed delivered up to C{lastSeq}; with a link,
+        its channel watched.  C{inEffect}: the subscription was in effect
+        before C{lastSeq} was read (nothing published before it was missed).
+        """
         room = self.rooms[name] = Room(name)
         room.feed = RoomFeed(
             name,
@@ -681,7 +690,13 @@ class ChatService(AuthService):
             admit=self._admit,
         )
         if self.link is not None:
-            self.link.watchRoom(name)
+            subscribed = self.link.watchRoom(name)
+            if not inEffect:
+                # What was published before the subscription took effect
+                # is read from the store once it has (the bus says when).
+                feed = room.feed
+                subscribed.addCallback(lambda _: feed.catchUp())
+            # And in any case a moment later (a bus that cannot tell).
             room.feed.catchUpLater(SUBSCRIBE_SETTLE)
         return room
 

@@ -64,6 +64,29 @@ class ClusterListener(Protocol):
     def busReconnected(self) -> None: ...
 
 
+class _Subscription:
+    """
+    One room's subscription as a link sees it: in effect yet, or not.
+    """
+
+    def __init__(self) -> None:
+        self.effective = False
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def inEffect(self, _: object) -> None:
+        self.effective = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def when(self) -> defer.Deferred[None]:
+        if self.effective:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
 class MalformedPayload(ValueError):
     """
     A publication this node cannot read.
@@ -124,7 +147,9 @@ class ClusterLink:
         self._origin = node.encode("utf-8") + b"\n"
         self._unannounced: dict[str, int] = {}
         self._retry: IDelayedCall | None = None
-        self._rooms: set[str] = set()
+        #: Rooms watched: whether their subscription is in effect, and who
+        #: waits for it.
+        self._rooms: dict[str, _Subscription] = {}
         #: Publications handed to the bus and not yet answered.
         self._inFlight: set[defer.Deferred[Any]] = set()
         self._drained: list[defer.Deferred[None]] = []
@@ -138,17 +163,30 @@ class ClusterLink:
 
     # -- subscriptions ---------------------------------------------------------
 
-    def watchRoom(self, room: str) -> None:
+    def watchRoom(self, room: str) -> defer.Deferred[None]:
         """
-        This node has members in C{room}: hear its publications.
+        This node has members in C{room}: hear its publications.  Fires
+        once the subscription is in effect on the bus (what was published
+        before is to be read from the store then); never, if the room is
+        unwatched first or the bus cannot tell.
         """
-        if room not in self._rooms and not self.closed:
-            self._rooms.add(room)
-            self.bus.subscribe(ROOM_CHANNEL + room, self._received)
+        if self.closed:
+            return defer.Deferred()
+        subscription = self._rooms.get(room)
+        if subscription is None:
+            subscription = self._rooms[room] = _Subscription()
+            try:
+                subscribing = self.bus.subscribe(ROOM_CHANNEL + room, self._received)
+            except Exception as e:  # noqa: BLE001 (the settle timer covers it)
+                subscribing = defer.fail(e)
+            if isinstance(subscribing, defer.Deferred):
+                subscribing.addCallbacks(subscription.inEffect, lambda _: None)
+            else:  # a bus that does not say: as in effect at once
+                subscription.inEffect(None)
+        return subscription.when()
 
     def unwatchRoom(self, room: str) -> None:
-        if room in self._rooms:
-            self._rooms.discard(room)
+        if self._rooms.pop(room, None) is not None:
             self.bus.unsubscribe(ROOM_CHANNEL + room, self._received)
 
     def close(self) -> None:
