@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -39,10 +40,20 @@ from twisted_lab.codecs.message import Outgoing
 from twisted_lab.ports import IRequestChannel
 from twisted_lab.transports.connection import ServerFactory
 from twisted_lab.transports.web import (
+    CONTROL_FLOOD,
+    CONTROL_FRAME_BURST,
+    CONTROL_FRAME_RATE,
+    HTTP_REQUEST_BURST,
     HTTP_REQUEST_LIMIT,
+    HTTP_REQUEST_RATE,
+    MAX_FRAGMENTS,
     QUEUE_FULL,
+    TOO_FRAGMENTED,
     WEB_ORIGIN_REFUSED,
     WEB_REQUEST_TOO_LONG,
+    WEB_UPGRADE_REFUSED,
+    WEBSOCKET_CONTROL_FLOOD,
+    WEBSOCKET_TOO_FRAGMENTED,
     FrameScanner,
     OriginPolicy,
     WebConnection,
@@ -336,6 +347,66 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(code, 426)
         self.assertEqual(headers["upgrade"], "websocket")
 
+    def test_theSocketIsGETOnly(self) -> None:
+        """
+        C{HEAD /ws} with the upgrade headers is not an upgrade (twisted.web
+        answers a HEAD with C{render_GET} unless told otherwise): 405, as
+        for any method but GET.
+        """
+        upgrade = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+        for method in ("HEAD", "POST", "PUT"):
+            code, headers, body = self.browser.get("/ws", method, upgrade)
+            self.assertEqual((code, headers["allow"]), (405, "GET"), method)
+            self.assertNotIn("sec-websocket-accept", headers)
+        self.assertEqual(self.server.dispatchers, [])
+
+    def test_aHEADIsAnsweredWithoutABodyOrALogLine(self) -> None:
+        """
+        twisted.web logs a warning, with the URL, for every HEAD answered
+        with a body: none is.
+        """
+        logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, logged.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        for path in ("/nope?secret", "/ws?secret", "/?secret"):
+            code, headers, body = self.browser.get(path, "HEAD")
+            self.assertEqual(body, b"", path)
+        self.assertEqual(logged, [])
+
+    def test_HSTSOverTLSOnly(self) -> None:
+        _, headers, _ = self.server.connect(secure=True).get("/")
+        self.assertEqual(headers["strict-transport-security"], "max-age=31536000")
+        _, headers, _ = self.browser.get("/")
+        self.assertNotIn("strict-transport-security", headers)
+
+    def test_pipelinedRequestsHaveARate(self) -> None:
+        """
+        A connection may make L{HTTP_REQUEST_BURST} requests at once, then
+        L{HTTP_REQUEST_RATE} a second; past that, C{429} and the
+        connection closed (within the log budget).
+        """
+        request = f"GET /nope HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+        self.browser.connection.dataReceived(request * (HTTP_REQUEST_BURST + 100))
+        raw = self.browser.transport.value()
+        self.assertEqual(raw.count(b"HTTP/1.1 404"), HTTP_REQUEST_BURST)
+        self.assertEqual(raw.count(b"HTTP/1.1 429"), 1)
+        self.assertTrue(self.browser.transport.disconnecting)
+        self.assertEqual(len(self.server.recorder.named(events.RATE_LIMITED)), 1)
+        # Refilled at the rate.
+        other = self.server.connect(port=40001)
+        other.connection.dataReceived(request * HTTP_REQUEST_BURST)
+        self.server.clock.advance(1)
+        other.transport.clear()
+        other.connection.dataReceived(request * int(HTTP_REQUEST_RATE))
+        self.assertEqual(other.transport.value().count(b"HTTP/1.1 404"), 50)
+        self.assertFalse(other.transport.disconnecting)
+
     def test_theShippedPageHasNoInlineCodeAndNoInnerHTML(self) -> None:
         html = (STATIC / "index.html").read_text()
         for tag in re.findall(r"<script\b[^>]*>", html):
@@ -442,6 +513,36 @@ class OriginTests(SynchronousTestCase):
         self.assertIsInstance(
             server.connect(secure=True).upgrade(OWN_ORIGIN), RejectConnection
         )
+
+    def test_anUpgradeWsprotoRefusesIs400(self) -> None:
+        """
+        Upgrades that pass the shape check (426 otherwise) but that wsproto
+        would refuse, or with a body: 400, within the log budget.
+        """
+        server = Server()
+        key = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+        browser = server.connect()
+        code, _, _ = browser.get("/ws", headers={**key, "Upgrade": "websocket, h2c"})
+        self.assertEqual(code, 400)
+        head = "".join(f"{k}: {v}\r\n" for k, v in key.items()).encode()
+        for body in (
+            b"Content-Length: 2\r\n\r\nab",
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        ):
+            browser.connection.dataReceived(
+                b"GET /ws HTTP/1.1\r\nHost: a\r\n" + head + body
+            )
+            self.assertEqual(browser.response()[0], 400)
+        self.assertEqual(server.dispatchers, [])
+        refused = server.recorder.named(WEB_UPGRADE_REFUSED)
+        self.assertEqual(len(refused), 3)
+        self.assertEqual(refused[0]["reason"], "Missing header, 'Upgrade: websocket'")
+        self.assertEqual(refused[2]["reason"], "an upgrade request with a body")
 
     def test_noOriginIsNotABrowser(self) -> None:
         server = Server()
@@ -586,6 +687,79 @@ class SocketTests(SynchronousTestCase):
         self.assertEqual(self.browser.dispatcher.requests, [])
         self.assertEqual(self.browser.closeCode(), 1007)
         self.assertTrue(self.browser.transport.disconnecting)
+
+    def test_aMessageMayComeInUpToMaxFragments(self) -> None:
+        frames = [maskedFrame(0x1, b'"', final=False)]
+        frames += [maskedFrame(0x0, b"x", final=False)] * (MAX_FRAGMENTS - 2)
+        frames.append(maskedFrame(0x0, b'"'))
+        self.browser.dispatcher.answer = False
+        self.browser.sendRaw(b"".join(frames))
+        self.assertEqual(
+            self.browser.dispatcher.requests,
+            [b'"' + b"x" * (MAX_FRAGMENTS - 2) + b'"'],
+        )
+        self.assertFalse(self.browser.transport.disconnecting)
+
+    def test_aMessageInMoreFragmentsClosesWith1008(self) -> None:
+        """
+        Requests before it are answered; at the header of the fragment
+        past L{MAX_FRAGMENTS}, C{bad_request} and a close (1008); nothing
+        after it is read.
+        """
+        assert self.browser.ws is not None
+        before = self.browser.ws.send(TextMessage('{"type":"ping","id":1}'))
+        frames = [maskedFrame(0x1, b"", final=False)]
+        frames += [maskedFrame(0x0, b"", final=False)] * MAX_FRAGMENTS
+        self.browser.sendRaw(before + b"".join(frames) + maskedFrame(0x0, b"{}"))
+        self.assertEqual(self.browser.dispatcher.requests, [b'{"type":"ping","id":1}'])
+        messages = self.browser.messages()
+        self.assertEqual(messages[0], {"type": "echo", "id": 1})
+        self.assertEqual(messages[1]["code"], "bad_request")
+        self.assertIn(f"at most {MAX_FRAGMENTS} frames", messages[1]["message"])
+        self.assertEqual(self.browser.closeCode(), 1008)
+        self.assertEqual(len(self.server.recorder.named(WEBSOCKET_TOO_FRAGMENTED)), 1)
+
+    def test_controlFramesHaveARate(self) -> None:
+        """
+        L{CONTROL_FRAME_BURST} pings (or pongs) at once, then
+        L{CONTROL_FRAME_RATE} a second; past that, C{bad_request} and a
+        close (1008), without parsing the frame.
+        """
+        self.browser.sendRaw(maskedFrame(0x9, b"p") * CONTROL_FRAME_BURST)
+        pongs = [e for e in self.browser.receive() if isinstance(e, Pong)]
+        self.assertEqual(len(pongs), CONTROL_FRAME_BURST)
+        self.server.clock.advance(1)
+        self.browser.sendRaw(maskedFrame(0xA, b"") * int(CONTROL_FRAME_RATE))
+        self.assertFalse(self.browser.transport.disconnecting)
+        self.browser.sendRaw(maskedFrame(0x9, b"p"))
+        self.assertEqual(self.browser.messages()[0]["code"], "bad_request")
+        self.assertEqual(self.browser.closeCode(), 1008)
+        self.assertEqual(len(self.server.recorder.named(WEBSOCKET_CONTROL_FLOOD)), 1)
+
+    def test_aFragmentedMessageThatKeepsTheRateIsNotCut(self) -> None:
+        """
+        The deadline of a fragmented message is that of one frame of its
+        size (C{--frame-timeout} plus its bytes at C{--frame-min-rate}),
+        from its first fragment: a message sent at a good pace arrives.
+        """
+        self.browser.dispatcher.answer = False
+        self.browser.sendRaw(maskedFrame(0x1, b"[0", final=False))
+        for _ in range(5):
+            self.server.clock.advance(10)
+            self.browser.sendRaw(maskedFrame(0x9, b"") + maskedFrame(0x0, b",0", False))
+        self.browser.sendRaw(maskedFrame(0x0, b"]"))
+        self.assertEqual(self.browser.dispatcher.requests, [b"[0,0,0,0,0,0]"])
+        self.server.clock.advance(60)  # nothing is in progress now
+        self.assertIsNone(self.browser.closeCode())
+
+    def test_anUnfinishedMessageTimesOutWithFrameTimeout(self) -> None:
+        self.browser.sendRaw(maskedFrame(0x1, b"[", final=False))
+        for _ in range(7):
+            self.server.clock.advance(10)
+            self.browser.sendRaw(maskedFrame(0x0, b"0", final=False))
+        [error] = self.browser.messages()
+        self.assertEqual(error["code"], "frame_timeout")
+        self.assertEqual(self.browser.closeCode(), 1008)
 
     def test_pingIsAnswered(self) -> None:
         assert self.browser.ws is not None
@@ -838,6 +1012,34 @@ class FrameScannerTests(SynchronousTestCase):
         self.assertEqual(scanner.feed(b"pad"[:0] + last), 0)
         self.assertEqual(scanner.tooLong, 101)
 
+    def test_aFragmentedMessageIsOneUnit(self) -> None:
+        """
+        The deadlines' unit: a frame, or a fragmented message with the
+        control frames between its fragments.
+        """
+        scanner = FrameScanner(maxLength=1000)
+        scanner.feed(maskedFrame(0x1, b"ab", final=False))
+        self.assertTrue(scanner.inUnit)
+        self.assertFalse(scanner.inFrame)
+        scanner.feed(maskedFrame(0x9, b"p") + maskedFrame(0x0, b"cd", final=False))
+        self.assertEqual((scanner.units, scanner.frames), (1, 3))
+        self.assertEqual(scanner.unitPayload, 5)
+        scanner.feed(maskedFrame(0x0, b"e"))
+        self.assertFalse(scanner.inUnit)
+        scanner.feed(maskedFrame(0x9, b""))
+        self.assertEqual((scanner.units, scanner.unitPayload), (2, 0))
+
+    def test_refusedFragmentsAndControlFrames(self) -> None:
+        scanner = FrameScanner(maxLength=1000, maxFragments=3)
+        frames = maskedFrame(0x1, b"a", final=False) + maskedFrame(0x0, b"", False) * 2
+        self.assertEqual(scanner.feed(frames + maskedFrame(0x0, b"")), len(frames))
+        self.assertEqual(scanner.refused, TOO_FRAGMENTED)
+        allowed = [True, False]
+        scanner = FrameScanner(maxLength=1000, controlFrame=lambda: allowed.pop(0))
+        ping = maskedFrame(0x9, b"")
+        self.assertEqual(scanner.feed(ping + maskedFrame(0x1, b"x") + ping), 13)
+        self.assertEqual(scanner.refused, CONTROL_FLOOD)
+
     def test_theOffsetIsWhereTheHeaderBegins(self) -> None:
         scanner = FrameScanner(maxLength=10)
         good = maskedFrame(0x1, b"a" * 10)
@@ -935,7 +1137,10 @@ class ListenerTests(TestCase):
         port = service.port.getHost().port
         factory = ServerFactory(clock=reactor)
         second = webService(
-            f"tcp:{port}:interface=127.0.0.1", factory, reactor, makeDispatcher=print
+            f"tcp:{port}:interface=127.0.0.1",
+            factory,
+            reactor,
+            makeDispatcher=RecordingDispatcher,
         )
         with self.assertRaises(SystemExit) as caught:
             second.privilegedStartService()
@@ -959,7 +1164,7 @@ class ListenerTests(TestCase):
                     # (Twisted's loseConnection may be called only once.)
                     self.transport.loseConnection()
 
-            def bytesMessageReceived(self, data: bytes) -> None:
+            def bytesMessageReceived(self, data: bytes | bytearray) -> None:
                 pass
 
             def pongReceived(self, payload: bytes) -> None:

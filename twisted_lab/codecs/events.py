@@ -83,3 +83,8 @@ BUS_SETUP_FAILED = "bus_setup_failed"
 BUS_SUBSCRIBER_FAILED = "bus_subscriber_failed"
 BUS_SUBSCRIPTION_FAILED = "bus_subscription_failed"
 BUS_UNRESPONSIVE = "bus_unresponsive"
+
+# The web listener's hostile-client bounds (twisted_lab.transports.web).
+WEB_UPGRADE_REFUSED = "web_upgrade_refused"
+WEBSOCKET_TOO_FRAGMENTED = "websocket_too_fragmented"
+WEBSOCKET_CONTROL_FLOOD = "websocket_control_flood"

@@ -8,8 +8,8 @@ C{ssl:8443:privateKey=key.pem:certKey=cert.pem}) serves
   - C{/}: the page (C{twisted_lab/static}: HTML, CSS, JavaScript shipped in
     the package), with a Content-Security-Policy and the other security
     headers on every response;
-  - C{/ws}: the WebSocket (Twisted's own C{twisted.web.websocket}, on
-    wsproto), one text message per JSON message, behind an C{Origin} check.
+  - C{/ws}: the WebSocket (RFC 6455, on wsproto), one text message per
+    JSON message, behind an C{Origin} check.
 
 Every TCP connection of the listener is a L{WebConnection}: a
 L{ServedConnection} of the chat server's own L{ServerFactory}, so the
@@ -18,12 +18,26 @@ same counters (connection caps per server and per address, the idle
 timeout, per-frame deadlines, one bounded output account with
 C{slow_consumer}, and C{--max-length} per message).  Inside it runs a
 twisted.web C{HTTPChannel} for the page and the upgrade; after the upgrade
-the bytes go to Twisted's WebSocket protocol, watched on their way by a
-L{FrameScanner} that refuses an oversized message from its header, before
-any of its payload is buffered.  L{WebSocketChannel} is the
+the bytes go to a L{WebSocketWire} (wsproto's connection), watched on their
+way by a L{FrameScanner} that refuses, at its header and before wsproto
+parses it, an oversized message, a message in too many fragments and
+control frames past their rate.  L{WebSocketChannel} is the
 L{IRequestChannel} the request dispatcher and the chat service see.
 
-Nothing here logs a URL, a token or a message's text.
+Why not twisted.web.websocket's own C{WebSocketResource} and wire protocol
+(as the first version did): it logs every handshake wsproto refuses (an
+error line with the URL, or a critical traceback for a bad C{Host}) with no
+budget; it gathers a fragmented text message into a Python string (a
+concatenation per fragment, quadratic, and 4 bytes a character once one
+character needs them); and it leaves the bytes that arrive with the
+upgrade in the HTTP channel's buffer.  The handshake here is wsproto's own
+C{H11Handshake}, run on the request's headers before anything is
+answered, so what wsproto would refuse gets a C{400} and at most the
+budgeted log line; the messages are gathered as UTF-8 bytes.
+
+Nothing here logs a URL, a token or a message's text.  Events a client can
+provoke at will (refused upgrades, the reasons a WebSocket is closed) pass
+the server's log budget (C{docs/protocol.md} section 3.5).
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import h11
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -58,9 +73,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
-from twisted.web.websocket import WebSocketResource, WebSocketTransport
-from wsproto.utilities import LocalProtocolError
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from wsproto import Connection as WSProtoConnection
+from wsproto import ConnectionType
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    TextMessage,
+)
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import ProtocolError as WSProtoError
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_lab.codecs import events
@@ -68,6 +93,7 @@ from twisted_lab.codecs.errors import ErrorCode
 from twisted_lab.codecs.message import Outgoing, encodeMessage
 from twisted_lab.dispatch import QUEUE_FULL, RequestDispatcher
 from twisted_lab.ports import IRequestChannel
+from twisted_lab.services.limits import TokenBucket
 from twisted_lab.transports.connection import (
     CLOSING,
     END_OF_INPUT,
@@ -86,6 +112,12 @@ WEBSOCKET_OPENED = events.WEBSOCKET_OPENED
 WEB_REQUEST_TOO_LONG = events.WEB_REQUEST_TOO_LONG
 #: A binary WebSocket message arrived (the protocol is JSON text).
 WEBSOCKET_BINARY = events.WEBSOCKET_BINARY
+#: A WebSocket upgrade wsproto would refuse (or with a body) got C{400}.
+WEB_UPGRADE_REFUSED = events.WEB_UPGRADE_REFUSED
+#: A message came in more than L{MAX_FRAGMENTS} frames.
+WEBSOCKET_TOO_FRAGMENTED = events.WEBSOCKET_TOO_FRAGMENTED
+#: Control frames (ping, pong, close) came faster than their rate.
+WEBSOCKET_CONTROL_FLOOD = events.WEBSOCKET_CONTROL_FLOOD
 
 # -- WebSocket close codes (RFC 6455 section 7.4.1) ------------------------------
 
@@ -99,7 +131,33 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 #: needs no body, and twisted.web would otherwise buffer any body it is sent.
 HTTP_REQUEST_LIMIT = 64 * 1024
 
+#: HTTP requests one connection may make at once, and per second after
+#: that (the rate of the C{ping} request; a page load is five requests).
+#: Past it: C{429} and the connection closed.  Each request costs the
+#: reactor about 40 microseconds however it is answered, and a client can
+#: pipeline a thousand in one read.
+HTTP_REQUEST_BURST = 500
+HTTP_REQUEST_RATE = 50.0
+
 SOCKET_PATH = b"ws"
+
+#: Frames one message may come in.  A browser sends each message as one
+#: frame; this leaves room for clients that fragment a large message.
+#: Every frame costs wsproto's parsing whatever its size, and empty
+#: continuation fragments would otherwise let a message grow no longer,
+#: never end and cost the reactor without limit.
+MAX_FRAGMENTS = 64
+
+#: Control frames (ping, pong, close) a connection may send at once, and
+#: per second after that: the rate of the C{ping} request (section 3.5).
+#: Each is parsed (and a ping answered) without being a request, so no
+#: request rate covers them.
+CONTROL_FRAME_BURST = 500
+CONTROL_FRAME_RATE = 50.0
+
+#: How long browsers are told to use only https for the host (served
+#: over TLS only): a year.
+HSTS_MAX_AGE = 365 * 24 * 3600
 
 _serials = itertools.count(1_000_000_001)
 
@@ -206,6 +264,8 @@ def setSecurityHeaders(request: Request) -> None:
         b"permissions-policy", b"camera=(), microphone=(), geolocation=()"
     )
     request.setHeader(b"server", b"netlab")
+    if secure:
+        request.setHeader(b"strict-transport-security", b"max-age=%d" % HSTS_MAX_AGE)
 
 
 class StaticResource(Resource):
@@ -249,7 +309,30 @@ class NotFound(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"not found\n"
+        return _body(request, b"not found\n")
+
+
+class TooManyRequests(Resource):
+    """
+    The answer to a request over the connection's rate: C{429}, and the
+    connection closed (a page makes a few requests a load; pipelined
+    requests past the burst are a client hogging the reactor).
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"connection", b"close")
+        request.setHeader(b"retry-after", b"1")
+        connection = connectionOf(request)
+        if connection is not None:
+            # Once this answer is written (the channel keeps reading
+            # pipelined requests otherwise).
+            request.notifyFinish().addBoth(lambda _: connection.closeAfterFlush())
+        return _plain(request, 429, b"too many requests on this connection\n")
+
+
+TOO_MANY_REQUESTS = TooManyRequests()
 
 
 class WebRoot(Resource):
@@ -402,8 +485,8 @@ class _Close:
 @implementer(IRequestChannel)
 class WebSocketChannel:
     """
-    One browser's WebSocket: Twisted's C{WebSocketProtocol} on one side,
-    the L{IRequestChannel} of the request dispatcher on the other.
+    One browser's WebSocket: its L{WebSocketWire} on one side, the
+    L{IRequestChannel} of the request dispatcher on the other.
 
     Each text message is one request; each message sent is one text
     message.  While the dispatcher's queue is full, messages that arrive
@@ -411,7 +494,7 @@ class WebSocketChannel:
     stopped) and handed over, in order, as it drains.
     """
 
-    transport: WebSocketTransport | None = None
+    transport: WebSocketWire | None = None
     dispatcher: Dispatcher | None = None
     #: The code of the close frame this side sends when it closes.
     closeCode = CLOSE_NORMAL
@@ -460,7 +543,7 @@ class WebSocketChannel:
         if transport is None or self.closing:
             return
         for text in outgoing.form("ws", _texts):
-            transport.sendTextMessage(text)
+            transport.sendText(text)
             self.connection.factory.stats.framesSent += 1
 
     def sendMessage(self, message: dict[str, Any]) -> None:
@@ -485,14 +568,12 @@ class WebSocketChannel:
     def closeAfterFlush(self) -> None:
         self.connection.closeAfterFlush()
 
-    # -- WebSocketProtocol (twisted.web.websocket) ---------------------------------
+    # -- what its wire tells it -------------------------------------------------------
 
-    def negotiationStarted(self, transport: WebSocketTransport) -> None:
-        # (Nothing may be written yet: the 101 response follows.)
-        self.transport = transport
-        self.connection.upgraded(self)
-
-    def negotiationFinished(self) -> None:
+    def opened(self) -> None:
+        """
+        The 101 response is written: the WebSocket is open.
+        """
         self.connection.log.info(
             "WebSocket opened by {peer}",
             event=WEBSOCKET_OPENED,
@@ -500,20 +581,25 @@ class WebSocketChannel:
         )
         self.dispatcher = self.makeDispatcher(self)
 
-    def textMessageReceived(self, message: str) -> None:
+    def messageReceived(self, payload: bytes) -> None:
+        """
+        A whole text message, as UTF-8 (valid: wsproto checked it).
+        """
         if (
             self.closing
             or self.dispatcher is None
             or self.connection.readingPausedFor(CLOSING)
         ):
             return
-        payload = message.encode("utf-8")
         if self._held or self.dispatcher.queueFull:
             self._held.append(payload)
             return
         self.dispatcher.requestReceived(payload)
 
-    def bytesMessageReceived(self, data: bytes | bytearray) -> None:
+    def binaryReceived(self) -> None:
+        """
+        A binary message began (its bytes are not kept).
+        """
         if self.closing:
             return
         log = self.connection.log
@@ -528,9 +614,6 @@ class WebSocketChannel:
             ErrorCode.BAD_REQUEST,
             "binary messages are not part of the protocol: send JSON as text",
         )
-
-    def pongReceived(self, payload: bytes) -> None:
-        pass
 
     def connectionLost(self, reason: Failure) -> None:
         self._held.clear()
@@ -558,12 +641,20 @@ class WebSocketChannel:
         after it is read; what came before is answered, then
         C{frame_too_long} and a close with 1009.
         """
-        self.closeCode = CLOSE_MESSAGE_TOO_BIG
-        self.connection.startCloseTimer()
-        self.closeWith(
+        self.refuse(
+            CLOSE_MESSAGE_TOO_BIG,
             ErrorCode.FRAME_TOO_LONG,
             f"a {length}-byte message is over the {limit}-byte limit",
         )
+
+    def refuse(self, closeCode: int, code: str, message: str) -> None:
+        """
+        Nothing after the frame header now read is read: what came before
+        is answered, then an C{error} C{code} and a close with C{closeCode}.
+        """
+        self.closeCode = closeCode
+        self.connection.startCloseTimer()
+        self.closeWith(code, message)
 
     def endOfInput(self) -> None:
         self.closeWith()
@@ -584,17 +675,62 @@ class WebSocketChannel:
             dispatcher.requestReceived(item)
 
 
+#: Why L{FrameScanner.feed} stopped at a header.
+TOO_LONG = "too long"
+TOO_FRAGMENTED = "too fragmented"
+CONTROL_FLOOD = "control flood"
+
+
+def _headerSize(second: int) -> int:
+    """
+    The size of a frame header, from its second byte.
+    """
+    size = 6 if second & 0x80 else 2
+    short = second & 0x7F
+    if short == 126:
+        return size + 2
+    if short == 127:
+        return size + 8
+    return size
+
+
+def _announced(buffer: bytes | bytearray, at: int) -> int:
+    """
+    The payload length of the frame header at C{buffer[at:]} (complete).
+    """
+    short = buffer[at + 1] & 0x7F
+    if short == 126:
+        return (buffer[at + 2] << 8) | buffer[at + 3]
+    if short == 127:
+        return int.from_bytes(buffer[at + 2 : at + 10], "big")
+    return short
+
+
 class FrameScanner:
     """
     Reads WebSocket frame headers (RFC 6455 section 5.2) as the client's
-    bytes pass by on their way to wsproto, without keeping any payload:
-    where the frame in progress is (for the per-frame deadlines) and how
-    long the data message in progress is announced to be, so an oversized
-    message is refused at its header, before any of it is buffered.
+    bytes pass by on their way to wsproto, without keeping any payload and
+    reading each byte once (offsets into the read, no copies of its rest).
+
+    It knows where the frame in progress is and where the I{unit} in
+    progress is (a frame, or a fragmented message from its first frame to
+    its final one, with the control frames between), for the deadlines;
+    and it stops at the header of a data frame that would take a message
+    over C{maxLength} bytes or past C{maxFragments} frames, or of a
+    control frame that C{controlFrame()} does not allow, before wsproto
+    parses any of it.
     """
 
-    def __init__(self, maxLength: int) -> None:
+    def __init__(
+        self,
+        maxLength: int,
+        maxFragments: int = MAX_FRAGMENTS,
+        controlFrame: Callable[[], bool] | None = None,
+    ) -> None:
         self.maxLength = maxLength
+        self.maxFragments = maxFragments
+        self.controlFrame = controlFrame
+        #: A header split across reads: its bytes so far.
         self._header = bytearray()
         self._headerStart = 0
         #: Payload bytes of the frame in progress still to come.
@@ -603,8 +739,20 @@ class FrameScanner:
         self.payloadReceived = 0
         #: Data bytes announced so far for the message in progress.
         self.messageLength = 0
+        #: Data frames of the message in progress.
+        self.fragments = 0
+        #: A data message is begun and its final frame not yet seen.
+        self.inMessage = False
         #: Frames begun so far (a new number: a new frame).
         self.frames = 0
+        #: Units begun so far, and the unit in progress: payload bytes
+        #: received, and whether its first header is complete.
+        self.units = 0
+        self.unitPayload = 0
+        self.unitHeaderComplete = False
+        #: Why the scanner stopped (L{TOO_LONG}, L{TOO_FRAGMENTED},
+        #: L{CONTROL_FLOOD}), once it has.
+        self.refused: str | None = None
         #: The announced length of the oversized message, once found.
         self.tooLong = 0
 
@@ -616,79 +764,182 @@ class FrameScanner:
     def headerComplete(self) -> bool:
         return not self._header
 
+    @property
+    def inUnit(self) -> bool:
+        return self.inMessage or self.inFrame
+
     def feed(self, data: bytes) -> int | None:
         """
-        Scan C{data}; the offset in it where the header of an oversized
-        message begins (everything before it may be handed on), or
-        L{None}.
+        Scan C{data}; the offset in it where the header of a refused frame
+        begins (everything before it may be handed on; L{refused} says
+        why), or L{None}.
         """
         i = 0
         end = len(data)
         header = self._header
         while i < end:
-            if self.remaining:
-                take = min(self.remaining, end - i)
-                self.remaining -= take
+            remaining = self.remaining
+            if remaining:
+                take = remaining if remaining <= end - i else end - i
+                self.remaining = remaining - take
                 self.payloadReceived += take
+                self.unitPayload += take
                 i += take
                 continue
-            if not header:
-                self.frames += 1
-                self._headerStart = i
-                self.payloadReceived = 0
-            need = self._headerSize(header, data[i:])
-            take = min(need - len(header), end - i)
-            header += data[i : i + take]
-            i += take
-            if len(header) < need:
-                break
-            length = self._announced(header)
-            opcode = header[0] & 0x0F
-            final = bool(header[0] & 0x80)
-            header.clear()
-            if opcode < 0x8:  # continuation, text, binary
-                total = length if opcode else self.messageLength + length
-                if total > self.maxLength:
-                    self.tooLong = total
+            if header:  # the rest of a header begun in an earlier read
+                if len(header) < 2:
+                    header.append(data[i])
+                    i += 1
+                    continue
+                need = _headerSize(header[1]) - len(header)
+                take = need if need <= end - i else end - i
+                header += data[i : i + take]
+                i += take
+                if take < need:
+                    break
+                first = header[0]
+                length = _announced(header, 0)
+                header.clear()
+                if not self._frame(first, length):
                     return max(0, self._headerStart)
-                self.messageLength = 0 if final else total
-            self.remaining = length
-        if self._header:
-            self._headerStart = -1  # began in an earlier read
+                continue
+            # A new frame.
+            self.frames += 1
+            self.payloadReceived = 0
+            if not self.inMessage:
+                self.units += 1
+                self.unitPayload = 0
+                self.unitHeaderComplete = False
+            self._headerStart = i
+            if end - i >= 2:
+                size = _headerSize(data[i + 1])
+                if end - i >= size:
+                    first = data[i]
+                    length = _announced(data, i)
+                    if not self._frame(first, length):
+                        return i
+                    i += size
+                    continue
+            header += data[i:end]  # (less than a header: at most 13 bytes)
+            break
+        if header:
+            self._headerStart = -1  # begun in an earlier read
         return None
 
-    @staticmethod
-    def _headerSize(header: bytearray, more: bytes) -> int:
+    def _frame(self, first: int, length: int) -> bool:
         """
-        The size of the header begun in C{header} (followed by C{more}):
-        2 bytes until its second byte is known.
+        A complete header: whether the frame may be read.
         """
-        if len(header) >= 2:
-            second = header[1]
-        elif len(header) == 1:
-            if not more:
-                return 2
-            second = more[0]
-        else:
-            if len(more) < 2:
-                return 2
-            second = more[1]
-        size = 2 + (4 if second & 0x80 else 0)
-        short = second & 0x7F
-        if short == 126:
-            size += 2
-        elif short == 127:
-            size += 8
-        return size
+        self.unitHeaderComplete = True
+        opcode = first & 0x0F
+        if opcode >= 0x8:  # close, ping, pong
+            if self.controlFrame is not None and not self.controlFrame():
+                self.refused = CONTROL_FLOOD
+                return False
+        else:  # continuation, text, binary
+            if opcode:
+                total = length
+                self.fragments = 1
+            else:
+                total = self.messageLength + length
+                self.fragments += 1
+            if total > self.maxLength:
+                self.refused = TOO_LONG
+                self.tooLong = total
+                return False
+            if self.fragments > self.maxFragments:
+                self.refused = TOO_FRAGMENTED
+                return False
+            if first & 0x80:  # final
+                self.messageLength = 0
+                self.fragments = 0
+                self.inMessage = False
+            else:
+                self.messageLength = total
+                self.inMessage = True
+        self.remaining = length
+        return True
 
-    @staticmethod
-    def _announced(header: bytearray) -> int:
-        short = header[1] & 0x7F
-        if short == 126:
-            return int.from_bytes(header[2:4], "big")
-        if short == 127:
-            return int.from_bytes(header[2:10], "big")
-        return short
+
+class WebSocketWire:
+    """
+    The server side of one WebSocket on wsproto, after the upgrade: bytes
+    in, events out to its L{WebSocketChannel}; text out.
+
+    A text message is gathered as UTF-8 bytes (wsproto checks and decodes
+    each chunk; it is encoded back at once), so an unfinished message holds
+    its own size; a binary message is refused at its first chunk and
+    never kept.  Pings are answered, pongs ignored, the peer's close is
+    answered and the connection closed.
+    """
+
+    def __init__(
+        self,
+        connection: WebConnection,
+        wsproto: WSProtoConnection,
+        websocket: WebSocketChannel,
+    ) -> None:
+        self.connection = connection
+        self.wsproto = wsproto
+        self.websocket = websocket
+        self._message = bytearray()
+        self._binary = False
+
+    @property
+    def open(self) -> bool:
+        return self.wsproto.state is ConnectionState.OPEN
+
+    def dataReceived(self, data: bytes) -> None:
+        wsproto = self.wsproto
+        if wsproto.state not in (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING):
+            return  # (wsproto raises for bytes after a close)
+        wsproto.receive_data(data)
+        websocket = self.websocket
+        for event in wsproto.events():
+            if isinstance(event, TextMessage):
+                self._message += event.data.encode("utf-8")
+                if event.message_finished:
+                    payload = bytes(self._message)
+                    self._message = bytearray()
+                    websocket.messageReceived(payload)
+            elif isinstance(event, BytesMessage):
+                if not self._binary:
+                    self._binary = True
+                    websocket.binaryReceived()
+            elif isinstance(event, Ping):
+                if self.open:
+                    self.connection.write(wsproto.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                # The peer's close, or wsproto's verdict on a frame it
+                # could not parse (1002, 1007): answered with its code.
+                websocket.closeSent = True
+                if wsproto.state in (
+                    ConnectionState.OPEN,
+                    ConnectionState.REMOTE_CLOSING,
+                ):
+                    self.connection.write(wsproto.send(event.response()))
+                self._message = bytearray()
+                self.connection.closeAfterFlush()
+                return  # nothing after a close is read
+            # (Pong: nothing to do; its rate is the scanner's.)
+
+    def sendText(self, text: str) -> None:
+        if self.open:
+            self.connection.write(self.wsproto.send(TextMessage(text)))
+
+    def sendClose(self, code: int) -> None:
+        """
+        Send a close frame with C{code}, if one may still be sent.
+        """
+        if self.wsproto.state in (
+            ConnectionState.OPEN,
+            ConnectionState.REMOTE_CLOSING,
+        ):
+            self.connection.write(self.wsproto.send(CloseConnection(code)))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._message = bytearray()
+        self.websocket.connectionLost(reason)
 
 
 # -- one TCP connection of the listener ------------------------------------------------
@@ -764,15 +1015,22 @@ class WebConnection(ServedConnection):
     that server's caps and closed by its stop like an Int32 connection.
     While in HTTP, a request's bytes count as one "frame" (its header must
     be complete within C{--header-timeout}) and may not exceed
-    L{HTTP_REQUEST_LIMIT}; once upgraded, the WebSocket frames have the
-    deadlines of Int32 frames and each message C{--max-length}.
+    L{HTTP_REQUEST_LIMIT}; once upgraded, each WebSocket frame, or each
+    fragmented message from its first frame to its final one, has the
+    deadlines of an Int32 frame, each message C{--max-length} and
+    L{MAX_FRAGMENTS}, and control frames a rate.
     """
 
     websocket: WebSocketChannel | None = None
+    #: The HTTP channel, then (once upgraded) the L{WebSocketWire}.
     channel: Any = None
     scanner: FrameScanner | None = None
     _requestBytes = 0
-    _frameSerial = 0
+    _unitSerial = 0
+    #: Bytes that came after the upgrade request in its read.
+    _leftover = b""
+    #: The connection's bucket of HTTP requests (made at the first).
+    _requests: TokenBucket | None = None
 
     def __init__(self, web: WebFactory) -> None:
         self.web = web
@@ -798,22 +1056,54 @@ class WebConnection(ServedConnection):
         )
         self.closeAfterFlush()
 
-    def upgraded(self, websocket: WebSocketChannel) -> None:
+    def upgrade(
+        self,
+        makeDispatcher: DispatcherFactory,
+        wsproto: WSProtoConnection,
+        response: bytes,
+        leftover: bytes,
+    ) -> None:
         """
-        The upgrade request was accepted: from now on the bytes are
-        WebSocket frames.
+        The upgrade request was accepted: write the C{101} C{response};
+        from now on the bytes are WebSocket frames, beginning with
+        C{leftover} (what came after the request in its read).
         """
+        websocket = WebSocketChannel(self, makeDispatcher)
+        wire = websocket.transport = WebSocketWire(self, wsproto, websocket)
         self.websocket = websocket
-        self.scanner = FrameScanner(self.factory.maxLength)
+        self.channel = wire
+        clock = self.factory.clock
+        assert clock is not None
+        control = TokenBucket(
+            clock, burst=CONTROL_FRAME_BURST, rate=CONTROL_FRAME_RATE, maxKeys=1
+        )
+        self.scanner = FrameScanner(
+            self.factory.maxLength, controlFrame=lambda: not control.take("")
+        )
         self.frameStarted = None
         self._requestBytes = 0
+        self._leftover = leftover
+        self.write(response)
+        websocket.opened()
 
-    def requestArrived(self) -> None:
+    def requestArrived(self) -> bool:
         """
         twisted.web has a whole request: its deadline and size are met.
+        Whether it is within the connection's rate of requests.
         """
         self.frameStarted = None
         self._requestBytes = 0
+        if self._requests is None:
+            clock = self.factory.clock
+            assert clock is not None
+            self._requests = TokenBucket(
+                clock, burst=HTTP_REQUEST_BURST, rate=HTTP_REQUEST_RATE, maxKeys=1
+            )
+        wait = self._requests.take("")
+        if wait:
+            self.factory.context.rateLimited(self.peer, wait, "HTTP")
+            return False
+        return True
 
     def dataReceived(self, data: bytes) -> None:
         if (
@@ -844,13 +1134,47 @@ class WebConnection(ServedConnection):
             self.transport.abortConnection()
             return
         self.channel.dataReceived(data)
+        if self._leftover:
+            # Upgraded by that request: frames sent with it are frames.
+            leftover, self._leftover = self._leftover, b""
+            if not self.transport.disconnecting and CLOSING not in self._readPauses:
+                self._frameReceived(now, leftover)
 
     def _frameReceived(self, now: float, data: bytes) -> None:
         scanner = self.scanner
         websocket = self.websocket
         assert scanner is not None and websocket is not None
-        tooLong = scanner.feed(data)
-        if tooLong is not None:
+        stop = scanner.feed(data)
+        if stop is not None:
+            # What came before the refused header is handled; nothing
+            # from it on is read.
+            if stop:
+                self.channel.dataReceived(data[:stop])
+            self.pauseReading(CLOSING)
+            self.frameStarted = None
+            self._refused(scanner, websocket)
+            return
+        if not scanner.inUnit:
+            self.frameStarted = None
+        else:
+            # The deadlines of the unit in progress: a frame, or a whole
+            # fragmented message (each of its frames is complete, so
+            # per-frame deadlines would never end it).
+            if self.frameStarted is None or scanner.units != self._unitSerial:
+                self.frameStarted = now
+                self.frameHeaderAt = now if scanner.unitHeaderComplete else None
+            elif self.frameHeaderAt is None and scanner.unitHeaderComplete:
+                self.frameHeaderAt = now
+            self.framePayload = scanner.unitPayload
+        self._unitSerial = scanner.units
+        self.channel.dataReceived(data)
+
+    def _refused(self, scanner: FrameScanner, websocket: WebSocketChannel) -> None:
+        """
+        The scanner stopped at a header: log why (within the log budget,
+        except C{frame_too_long}, logged as on the Int32 port) and close.
+        """
+        if scanner.refused == TOO_LONG:
             self.log.warn(
                 "{peer} announced a {length}-byte message (limit {limit}); closing",
                 event=events.FRAME_TOO_LONG,
@@ -858,25 +1182,34 @@ class WebConnection(ServedConnection):
                 length=scanner.tooLong,
                 limit=scanner.maxLength,
             )
-            # What came before the oversized header is handled; nothing
-            # from it on is read.
-            if tooLong:
-                self.channel.dataReceived(data[:tooLong])
-            self.pauseReading(CLOSING)
-            self.frameStarted = None
             websocket.messageTooLong(scanner.tooLong, scanner.maxLength)
-            return
-        if not scanner.inFrame:
-            self.frameStarted = None
+        elif scanner.refused == TOO_FRAGMENTED:
+            if self.factory.logBudget.admit(WEBSOCKET_TOO_FRAGMENTED):
+                self.log.info(
+                    "{peer} sent a message in more than {limit} frames; closing",
+                    event=WEBSOCKET_TOO_FRAGMENTED,
+                    peer=self.peer,
+                    limit=scanner.maxFragments,
+                )
+            websocket.refuse(
+                CLOSE_POLICY_VIOLATION,
+                ErrorCode.BAD_REQUEST,
+                f"a message may come in at most {scanner.maxFragments} frames "
+                "(send each message as one frame); closing",
+            )
         else:
-            if self.frameStarted is None or scanner.frames != self._frameSerial:
-                self.frameStarted = now
-                self.frameHeaderAt = now if scanner.headerComplete else None
-            elif self.frameHeaderAt is None and scanner.headerComplete:
-                self.frameHeaderAt = now
-            self.framePayload = scanner.payloadReceived
-        self._frameSerial = scanner.frames
-        self.channel.dataReceived(data)
+            if self.factory.logBudget.admit(WEBSOCKET_CONTROL_FLOOD):
+                self.log.info(
+                    "{peer} sent control frames over their rate; closing",
+                    event=WEBSOCKET_CONTROL_FLOOD,
+                    peer=self.peer,
+                )
+            websocket.refuse(
+                CLOSE_POLICY_VIOLATION,
+                ErrorCode.BAD_REQUEST,
+                f"more than {CONTROL_FRAME_BURST} ping, pong or close frames "
+                f"at once ({CONTROL_FRAME_RATE:g} a second); closing",
+            )
 
     def readConnectionLost(self) -> None:
         if self.websocket is None:
@@ -889,7 +1222,7 @@ class WebConnection(ServedConnection):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         channel, self.channel = self.channel, None
         if channel is not None:
-            # (After the upgrade this is Twisted's WebSocket protocol.)
+            # (After the upgrade this is the WebSocketWire.)
             channel.connectionLost(reason)
         self.web.connectionClosed(self)
         ServedConnection.connectionLost(self, reason)
@@ -906,13 +1239,7 @@ class WebConnection(ServedConnection):
             and not self.transport.disconnecting
         ):
             websocket.closeSent = True
-            try:
-                # Writes the close frame, then comes back here through
-                # _ChannelTransport.loseConnection.
-                websocket.transport.loseConnection(websocket.closeCode)
-                return
-            except LocalProtocolError:
-                pass  # the peer's close frame was answered already
+            websocket.transport.sendClose(websocket.closeCode)
         ServedConnection.closeAfterFlush(self)
 
     def outputDrained(self) -> None:
@@ -970,7 +1297,7 @@ class WebConnection(ServedConnection):
             # last.  Written past the account (which is what cut it off).
             websocket.closeSent = True
             self._unaccounted(
-                lambda: websocket.transport.sendTextMessage(  # type: ignore[union-attr]
+                lambda: websocket.transport.sendText(  # type: ignore[union-attr]
                     encodeMessage(
                         {
                             "type": "error",
@@ -1027,9 +1354,9 @@ class WebSite(Site):
 
     def getResourceFor(self, request: Request) -> Any:
         connection = connectionOf(request)
-        if connection is not None:
-            connection.requestArrived()
         setSecurityHeaders(request)
+        if connection is not None and not connection.requestArrived():
+            return TOO_MANY_REQUESTS
         return super().getResourceFor(request)
 
     def log(self, request: Any) -> None:
@@ -1047,27 +1374,33 @@ def connectionOf(request: Request) -> WebConnection | None:
 _WS_KEY = re.compile(rb"^[A-Za-z0-9+/]{22}==$")
 
 
-class ChatSocketResource(WebSocketResource):
+class ChatSocketResource(Resource):
     """
-    C{/ws}: the Origin check, then Twisted's WebSocket upgrade.
+    C{/ws}: the Origin check, then the WebSocket upgrade.
 
     A request that is not a WebSocket upgrade gets C{426 Upgrade Required};
     a browser page from an origin that is not allowed, C{403 Forbidden}
-    (and a C{web_origin_refused} event).
+    (and a C{web_origin_refused} event); an upgrade wsproto would refuse
+    (its C{Host}, C{Connection} or C{Upgrade} headers) or one with a body,
+    C{400} (and a C{web_upgrade_refused} event); a method other than GET,
+    C{405}.  These events are within the log budget: a client can pipeline
+    refused requests on one connection at wire speed.
     """
 
     isLeaf = True
     log = Logger()
 
     def __init__(self, origins: OriginPolicy, makeDispatcher: DispatcherFactory):
-        super().__init__(self)
+        super().__init__()
         self.origins = origins
         self.makeDispatcher = makeDispatcher
 
-    def buildProtocol(self, request: Request) -> WebSocketChannel:
-        connection = connectionOf(request)
-        assert connection is not None, "checked in render_GET"
-        return WebSocketChannel(connection, self.makeDispatcher)
+    def render(self, request: Request) -> bytes | int:
+        if request.method != b"GET":
+            # (HEAD too: twisted.web would answer it with render_GET.)
+            request.setHeader(b"allow", b"GET")
+            return _plain(request, 405, b"only GET (a WebSocket upgrade) here\n")
+        return self.render_GET(request)
 
     def render_GET(self, request: Request) -> bytes | int:
         connection = connectionOf(request)
@@ -1077,11 +1410,10 @@ class ChatSocketResource(WebSocketResource):
         )
         if not allowed:
             assert origin is not None
-            log = connection.log if connection is not None else self.log
-            log.warn(
+            self._logRefusal(
+                connection,
+                WEB_ORIGIN_REFUSED,
                 "refusing a WebSocket from {peer}: origin {origin} is not allowed",
-                event=WEB_ORIGIN_REFUSED,
-                peer=connection.peer if connection is not None else "?",
                 origin=_printable(origin),
             )
             return _plain(request, 403, b"this origin may not open the chat socket\n")
@@ -1091,7 +1423,60 @@ class ChatSocketResource(WebSocketResource):
             return _plain(request, 426, b"a WebSocket upgrade is required here\n")
         if connection is None:
             return _plain(request, 500, b"not served by a netlab web listener\n")
-        return super().render_GET(request)
+        handshake = _handshake(request)
+        if isinstance(handshake, str):
+            self._logRefusal(
+                connection,
+                WEB_UPGRADE_REFUSED,
+                "refusing a WebSocket upgrade from {peer}: {reason}",
+                reason=handshake,
+            )
+            return _plain(request, 400, b"a malformed WebSocket upgrade\n")
+        response = handshake.send(AcceptConnection())
+        wsproto = handshake.connection
+        assert wsproto is not None, "accepted"
+        # What the client sent after the request (in the same read) is
+        # still in the HTTP channel's buffer: the first frames.
+        leftover = request.channel.clearLineBuffer()
+        connection.upgrade(self.makeDispatcher, wsproto, response, leftover)
+        return NOT_DONE_YET
+
+    def _logRefusal(
+        self,
+        connection: WebConnection | None,
+        name: str,
+        format: str,
+        **fields: Any,
+    ) -> None:
+        if connection is None:
+            self.log.warn(format, event=name, peer="?", **fields)
+        elif connection.factory.logBudget.admit(name):
+            connection.log.warn(format, event=name, peer=connection.peer, **fields)
+
+
+def _handshake(request: Request) -> H11Handshake | str:
+    """
+    wsproto's own server handshake on the request's headers (so what it
+    accepts is exactly what wsproto accepts), ready to accept; or why
+    it refuses, as text for the log (never a header's value or the URL).
+    """
+    headers = request.requestHeaders
+    length = headers.getRawHeaders(b"content-length", [b"0"])
+    if length != [b"0"] or headers.hasHeader(b"transfer-encoding"):
+        return "an upgrade request with a body"
+    handshake = H11Handshake(ConnectionType.SERVER)
+    raw = [
+        (name, value) for name, values in headers.getAllRawHeaders() for value in values
+    ]
+    try:
+        handshake.initiate_upgrade_connection(raw, request.path)
+    except WSProtoError as e:
+        # (wsproto's reasons are fixed texts: "Missing header, 'Host'".)
+        return _printable(str(e).encode("ascii", "replace"), 100)
+    except (h11.ProtocolError, ValueError) as e:
+        # h11's texts can quote the request: only the kind is said.
+        return f"refused by h11 or wsproto ({type(e).__name__})"
+    return handshake
 
 
 def _isUpgrade(request: Request) -> bool:
@@ -1119,13 +1504,24 @@ def _isUpgrade(request: Request) -> bool:
     return version == [b"13"]
 
 
-_REASONS = {426: b"Upgrade Required"}
+_REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}
 
 
 def _plain(request: Request, code: int, body: bytes) -> bytes:
     request.setResponseCode(code, _REASONS.get(code))
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
+    return _body(request, body)
+
+
+def _body(request: Request, body: bytes) -> bytes:
+    """
+    C{body}, or nothing for a HEAD request (with C{body}'s length): for a
+    HEAD answered with a body, twisted.web logs a warning with the URL.
+    """
+    if request.method == b"HEAD":
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
     return body
 
 
