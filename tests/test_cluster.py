@@ -385,7 +385,8 @@ class ClusterHarness(SynchronousTestCase):
         self.store = MemoryStore()
         self.successResultOf(defer.ensureDeferred(self.store.open()))
         self.shared = LocalBus(self.clock)
-        self.directory = LocalDirectory(self.clock)
+        # Publishing presence events as the Redis scripts do.
+        self.directory = LocalDirectory(self.clock, bus=self.shared)
         self.recorder = EventRecorder()
         self.registered: set[str] = set()
 

@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 from tests.redisserver import RedisServer, requireServer
 from twisted_lab.bus import RedisBus
 from twisted_lab.ports import IPresence
+from twisted_lab.services.cluster import ROOM_CHANNEL, presencePayload
 from twisted_lab.services.presence import Pair, RedisPresence
 
 HEARTBEAT = 0.1
@@ -190,3 +191,52 @@ class RedisPresenceTests(TestCase):
         self.assertEqual(heardA.departed, [("dev", "alice")])
         self.assertFalse((yield a.joined("x", "y")), "nothing sent once stopped")
         self.assertEqual((yield b.rooms(10)), ["lobby"])
+
+    @defer.inlineCallbacks
+    def test_theScriptsPublishThePresenceEventsTheyMake(self) -> Any:
+        """
+        A join, a leave, a resync's removal and a dead node's reaping each
+        publish their event from the script that made the change (so one
+        user's events are heard in the directory's order on every node),
+        as L{presencePayload} writes it.
+        """
+        a, heardA, busA = yield self.presence("a")
+        b, _, _ = yield self.presence("b")
+        heard: list[bytes] = []
+        arrived: list[defer.Deferred[None]] = []
+
+        def receive(payload: bytes) -> None:
+            heard.append(payload)
+            while arrived:
+                arrived.pop().callback(None)
+
+        yield busA.subscribe(ROOM_CHANNEL + "lobby", receive)
+
+        @defer.inlineCallbacks
+        def until(count: int) -> Any:
+            while len(heard) < count:
+                waiter: defer.Deferred[None] = defer.Deferred()
+                arrived.append(waiter)
+                yield waiter
+
+        yield a.joined("lobby", "alice")
+        yield b.joined("lobby", "alice")  # not news: nothing published
+        yield a.left("lobby", "alice")  # still on b
+        yield b.left("lobby", "alice")
+        yield b.joined("lobby", "bob")
+        yield until(3)
+        self.assertEqual(
+            heard,
+            [
+                presencePayload("a", "lobby", "alice", "join"),
+                presencePayload("b", "lobby", "alice", "leave"),
+                presencePayload("b", "lobby", "bob", "join"),
+            ],
+        )
+        # b beats once, then dies; a reaps it.
+        yield b._beaten((yield b._heartbeat(False)))
+        yield deferLater(reactor, TTL + 0.2, lambda: None)
+        _, _, departed, reaped = yield a._heartbeat(True)
+        self.assertEqual((departed, reaped), ([("lobby", "bob")], ["b"]))
+        yield until(4)
+        self.assertEqual(heard[3], presencePayload("a", "lobby", "bob", "leave"))

@@ -522,9 +522,21 @@ class ChatService(AuthService):
                     f" without spaces, not {self.node!r}"
                 )
             self.link = ClusterLink(
-                self.bus, self.node, self.clock, self, self._admit, context.log
+                self.bus,
+                self.node,
+                self.clock,
+                self,
+                self._admit,
+                context.log,
+                ownPresence=bool(getattr(presence, "announces", False)),
             )
         self.presence: IPresence = presence
+        #: The directory publishes every presence event itself, from the
+        #: operation that made the change, so that all nodes hear one
+        #: user's joins and leaves in the one order the directory made
+        #: them; this node's members hear them from the bus like the
+        #: others'.  Else (a lone node) the node announces what it is told.
+        self._directoryAnnounces = bool(getattr(presence, "announces", False))
         presence.watch(self._departed, self._nodesGone)
         if context.stats is not None:
             context.stats.enableChat()
@@ -731,7 +743,7 @@ class ChatService(AuthService):
         name, username = room.name, user.username
 
         def answered(new: bool) -> None:
-            if new:
+            if new and not self._directoryAnnounces:
                 self._announce(name, username, "join", exclude=mind)
 
         def failed(failure: Any) -> None:
@@ -763,7 +775,7 @@ class ChatService(AuthService):
         name, username = room.name, user.username
 
         def answered(gone: bool) -> None:
-            if gone:
+            if gone and not self._directoryAnnounces:
                 self._announce(name, username, "leave")
 
         def failed(failure: Any) -> None:
@@ -929,11 +941,21 @@ class ChatService(AuthService):
             held.feed.heard(seq)
 
     def heardPresence(self, room: str, user: str, event: str) -> None:
+        """
+        A presence event from the bus (this node's own too, when the
+        directory publishes them): told to every member connection here
+        but the user's own (a user is not told of their own join).
+        """
         held = self.rooms.get(room)
-        if held is not None:
-            self.broadcast(
-                held, {"type": "presence", "room": room, "user": user, "event": event}
-            )
+        if held is None:
+            return
+        own = held.members.get(user, set())
+        outgoing = Outgoing(
+            {"type": "presence", "room": room, "user": user, "event": event}
+        )
+        for client in held.connections():
+            if client not in own:
+                client.presence(room, outgoing)
 
     def heardPrivate(self, to: str, message: dict[str, Any]) -> None:
         target = self.users.get(to)
@@ -985,8 +1007,10 @@ class ChatService(AuthService):
     def _departed(self, pairs: list[Pair]) -> None:
         """
         Users found gone from rooms without a leave (their node died, or a
-        resync): announce their leaves.
+        resync): announce their leaves (unless the directory has).
         """
+        if self._directoryAnnounces:
+            return
         for room, user in pairs:
             held = self.rooms.get(room)
             if held is not None and user in held.members and not self._leaving:

@@ -48,6 +48,20 @@ MAX_UNANNOUNCED = 10_000
 RETRY_ANNOUNCE = 1.0
 
 
+#: How a presence event's JSON starts (after the origin and its newline).
+PRESENCE_HEAD = b'{"kind":"presence",'
+
+
+def presencePayload(origin: str, room: str, user: str, event: str) -> bytes:
+    """
+    The publication of a presence event (what the directory's scripts
+    write too, byte for byte).
+    """
+    message = {"kind": "presence", "room": room, "user": user, "event": event}
+    body = json.dumps(message, separators=(",", ":")).encode("ascii")
+    return origin.encode("utf-8") + b"\n" + body
+
+
 class ClusterListener(Protocol):
     """
     What the chat service does with what it hears from the other nodes.
@@ -135,6 +149,7 @@ class ClusterLink:
         listener: ClusterListener,
         admit: Callable[[str], bool] = lambda event: True,
         log: Logger | None = None,
+        ownPresence: bool = False,
     ) -> None:
         if log is not None:
             self.log = log
@@ -145,6 +160,9 @@ class ClusterLink:
         #: Whether an event may be logged now (the server's log budget).
         self.admit = admit
         self._origin = node.encode("utf-8") + b"\n"
+        #: This node's presence events are heard too (the directory
+        #: publishes them, in its order, for every node alike).
+        self._ownPresence = self._origin + PRESENCE_HEAD if ownPresence else None
         self._unannounced: dict[str, int] = {}
         self._retry: IDelayedCall | None = None
         #: Rooms watched: whether their subscription is in effect, and who
@@ -237,8 +255,15 @@ class ClusterLink:
         )
 
     def publishPresence(self, room: str, user: str, event: str) -> None:
-        message = {"kind": "presence", "room": room, "user": user, "event": event}
-        self._send(ROOM_CHANNEL + room, message, "presence")
+        """
+        Announce a presence change (when the directory does not: a lone
+        directory in process).
+        """
+        if self.closed:
+            return
+        payload = presencePayload(self.node, room, user, event)
+        publishing = self._publish(ROOM_CHANNEL + room, payload[len(self._origin) :])
+        publishing.addErrback(self._lost, "presence")
 
     def sendPrivate(self, node: str, message: dict[str, Any]) -> None:
         """
@@ -339,7 +364,9 @@ class ClusterLink:
         self._scheduleRetry()
 
     def _received(self, payload: bytes) -> None:
-        if payload.startswith(self._origin):
+        if payload.startswith(self._origin) and not (
+            self._ownPresence is not None and payload.startswith(self._ownPresence)
+        ):
             return  # ours: delivered here before it was published
         try:
             self._dispatch(payload)

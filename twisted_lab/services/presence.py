@@ -14,12 +14,21 @@ A node proves it is alive by a heartbeat every L{HEARTBEAT} seconds, which
 renews its entry for L{NODE_TTL} seconds.  A node whose entry has expired
 (SIGKILL, a crash, a lost network) is I{reaped} by the next heartbeat of a
 survivor: its pairs are removed, and the pairs whose user is thereby gone
-from the room cluster-wide are handed to that survivor's listener, which
-announces the C{leave}s.  So a dead node's members are shown as gone at
-most C{NODE_TTL + HEARTBEAT} (8) seconds after its last heartbeat.  A node
-reaps only once its own heartbeats have succeeded for C{NODE_TTL} seconds
-in a row: after a bus outage everyone's entry has lapsed, and the first
-node back must not reap the others before they had the time to renew.
+from the room cluster-wide are handed to that survivor's listener.  So a
+dead node's members are shown as gone at most C{NODE_TTL + HEARTBEAT} (8)
+seconds after its last heartbeat.
+
+Who announces a presence event: in Redis (and in a L{LocalDirectory}
+given a bus), the directory's operation that made the change publishes it
+on the room's channel, in the same atomic step (L{NodePresence.announces}):
+every node then hears one user's joins and leaves in the directory's own
+order, whichever nodes made them.  A lone node's directory publishes
+nothing, and the node announces what its calls answer.
+
+A node reaps only once its own heartbeats have succeeded for C{NODE_TTL}
+seconds in a row: after a bus outage everyone's entry has lapsed, and the
+first node back must not reap the others before they had the time to
+renew.
 
 Two implementations, the same model:
   - L{LocalDirectory} (in process): a lone node's, private, never
@@ -46,7 +55,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_lab.codecs import events
-from twisted_lab.ports import IPresence
+from twisted_lab.ports import IBus, IPresence
+from twisted_lab.services.cluster import ROOM_CHANNEL, presencePayload
 from twisted_lab.services.limits import TokenBucket
 
 #: Seconds between a node's heartbeats.
@@ -113,6 +123,10 @@ class NodePresence:
         self._departedListeners: list[DepartedListener] = []
         self._goneListeners: list[NodesGoneListener] = []
         self._failing = False
+        #: The directory publishes the presence events itself (from the
+        #: operation that made the change): the node does not announce
+        #: what its calls answer, nor what its listeners are told.
+        self.announces = False
 
     # -- IPresence ----------------------------------------------------------------
 
@@ -368,10 +382,18 @@ class LocalDirectory:
     The directory in this process's memory: the model that the Redis
     scripts implement, on a clock.  Share one among several services (the
     nodes of a unit test); a lone node has one of its own.
+
+    @param bus: where the directory publishes the presence events it makes
+        (as the Redis scripts do), on the rooms' channels; L{None}: it
+        publishes nothing, and each node announces (a lone node).
     """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self, clock: IReactorTime, bus: IBus | None = None, channel: str = ROOM_CHANNEL
+    ) -> None:
         self.clock = clock
+        self.bus = bus
+        self.channel = channel
         self.expiry: dict[str, float] = {}
         self.held: dict[str, set[Pair]] = {}
         self.attachedUsers: dict[str, set[str]] = {}
@@ -390,21 +412,34 @@ class LocalDirectory:
 
     # The operations, each atomic (as one Lua script is).
 
-    def join(self, node: str, room: str, user: str) -> bool:
+    def _announce(self, origin: str, room: str, user: str, event: str) -> None:
+        if self.bus is not None:
+            self.bus.publish(
+                self.channel + room, presencePayload(origin, room, user, event)
+            )
+
+    def join(self, node: str, room: str, user: str, announce: bool = True) -> bool:
         held = self.held.setdefault(node, set())
         if (room, user) in held:
             return False
         held.add((room, user))
         users = self.count.setdefault(room, {})
         users[user] = users.get(user, 0) + 1
-        return users[user] == 1
+        if users[user] > 1:
+            return False
+        if announce:
+            self._announce(node, room, user, "join")
+        return True
 
     def leave(self, node: str, room: str, user: str) -> bool:
         held = self.held.get(node, set())
         if (room, user) not in held:
             return False
         held.discard((room, user))
-        return self._depart(room, user)
+        if not self._depart(room, user):
+            return False
+        self._announce(node, room, user, "leave")
+        return True
 
     def _depart(self, room: str, user: str) -> bool:
         users = self.count.get(room, {})
@@ -462,7 +497,7 @@ class LocalDirectory:
         reaped: list[str] = []
         if reap:
             for dead in sorted(n for n, t in self.expiry.items() if t < now):
-                departed += self.remove(dead)
+                departed += self.remove(dead, origin=node)
                 reaped.append(dead)
         live = sorted(n for n, t in self.expiry.items() if t >= now)
         return fresh, live, departed, reaped
@@ -473,19 +508,22 @@ class LocalDirectory:
         held = self.held.setdefault(node, set())
         departed = [p for p in sorted(held - pairs) if self.leave(node, *p)]
         for room, user in pairs - held:
-            self.join(node, room, user)
+            self.join(node, room, user, announce=False)
         for user in self.attachedUsers.get(node, set()) - users:
             self.detach(node, user)
         for user in users:
             self.attach(node, user)
         return departed
 
-    def remove(self, node: str) -> list[Pair]:
+    def remove(self, node: str, origin: str | None = None) -> list[Pair]:
         """
-        Take node C{node} out: the pairs whose user is gone cluster-wide.
+        Take node C{node} out (by C{origin}, if another node reaps it): the
+        pairs whose user is gone cluster-wide.
         """
         self.expiry.pop(node, None)
         departed = [p for p in sorted(self.held.pop(node, set())) if self._depart(*p)]
+        for room, user in departed:
+            self._announce(origin or node, room, user, "leave")
         for user in self.attachedUsers.pop(node, set()):
             nodes = self.userNodes.get(user)
             if nodes is not None:
@@ -511,6 +549,7 @@ class LocalPresence(NodePresence):
     ) -> None:
         super().__init__(node, directory.clock, heartbeat, ttl)
         self.directory = directory
+        self.announces = directory.bus is not None
         #: Nothing to write again before the first heartbeat: the share
         #: is written as it changes.
         self.dirty = False
@@ -602,19 +641,31 @@ local function split(pair)
   local space = string.find(pair, ' ', 1, true)
   return string.sub(pair, 1, space - 1), string.sub(pair, space + 1)
 end
-local p, node = ARGV[1], ARGV[2]
+local p, node, channel = ARGV[1], ARGV[2], ARGV[3]
+-- A presence event is published by the script that made the change (when
+-- a channel prefix is given): every node hears one user's joins and
+-- leaves in the order the directory made them, whichever node made them.
+-- (Room names and usernames need no JSON escaping: docs/protocol.md 3.2.)
+local function announce(room, user, event)
+  if channel == '' then return end
+  redis.call('PUBLISH', channel .. room, node .. '\\n{"kind":"presence","room":"'
+    .. room .. '","user":"' .. user .. '","event":"' .. event .. '"}')
+end
 """
 
 JOIN = (
     _DEPART
     + """
-local room, user = ARGV[3], ARGV[4]
+local room, user = ARGV[4], ARGV[5]
 local pair = room .. ' ' .. user
 if redis.call('EXISTS', p .. 'sync:' .. node) == 1 then
   redis.call('SADD', p .. 'sync:' .. node, pair)
 end
 if redis.call('SADD', p .. 'held:' .. node, pair) == 0 then return 0 end
-if arrive(p, room, user) then return 1 end
+if arrive(p, room, user) then
+  announce(room, user, 'join')
+  return 1
+end
 return 0
 """
 )
@@ -622,11 +673,14 @@ return 0
 LEAVE = (
     _DEPART
     + """
-local room, user = ARGV[3], ARGV[4]
+local room, user = ARGV[4], ARGV[5]
 local pair = room .. ' ' .. user
 redis.call('SREM', p .. 'sync:' .. node, pair)
 if redis.call('SREM', p .. 'held:' .. node, pair) == 0 then return 0 end
-if depart(p, room, user) then return 1 end
+if depart(p, room, user) then
+  announce(room, user, 'leave')
+  return 1
+end
 return 0
 """
 )
@@ -634,7 +688,7 @@ return 0
 ATTACH = (
     _DEPART
     + """
-local user = ARGV[3]
+local user = ARGV[4]
 if redis.call('EXISTS', p .. 'syncusers:' .. node) == 1 then
   redis.call('SADD', p .. 'syncusers:' .. node, user)
 end
@@ -647,7 +701,7 @@ return 0
 DETACH = (
     _DEPART
     + """
-local user = ARGV[3]
+local user = ARGV[4]
 redis.call('SREM', p .. 'syncusers:' .. node, user)
 redis.call('SREM', p .. 'users:' .. node, user)
 redis.call('SREM', p .. 'user:' .. user, node)
@@ -704,7 +758,7 @@ return reply
 HEARTBEAT_SCRIPT = (
     _DEPART
     + """
-local ttl, reap, budget = tonumber(ARGV[3]), ARGV[4] == '1', tonumber(ARGV[5])
+local ttl, reap, budget = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nodes = p .. 'nodes'
@@ -721,7 +775,10 @@ if reap then
     local held, users = p .. 'held:' .. other, p .. 'users:' .. other
     for _, pair in ipairs(redis.call('SPOP', held, budget)) do
       local room, user = split(pair)
-      if depart(p, room, user) then table.insert(departed, pair) end
+      if depart(p, room, user) then
+        table.insert(departed, pair)
+        announce(room, user, 'leave')
+      end
     end
     for _, user in ipairs(redis.call('SPOP', users, budget)) do
       redis.call('SREM', p .. 'user:' .. user, other)
@@ -737,19 +794,19 @@ return {fresh, redis.call('ZRANGEBYSCORE', nodes, now, '+inf'), departed, reaped
 """
 )
 
-#: A chunk of a resync: ARGV[3] is 1 for the first chunk (which starts the
+#: A chunk of a resync: ARGV[4] is 1 for the first chunk (which starts the
 #: sync sets over).  A pair the directory lacks is added silently.
 SYNC_ADD = (
     _DEPART
     + """
 local sync, syncusers = p .. 'sync:' .. node, p .. 'syncusers:' .. node
-if ARGV[3] == '1' then
+if ARGV[4] == '1' then
   redis.call('DEL', sync, syncusers)
   redis.call('SADD', sync, '')
   redis.call('SADD', syncusers, '')
 end
 if redis.call('EXISTS', sync) == 0 then return redis.error_reply('SYNCLOST') end
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local item = ARGV[i]
   if string.find(item, ' ', 1, true) then
     redis.call('SADD', sync, item)
@@ -781,7 +838,10 @@ local held = p .. 'held:' .. node
 for _, pair in ipairs(redis.call('SDIFF', held, sync)) do
   redis.call('SREM', held, pair)
   local room, user = split(pair)
-  if depart(p, room, user) then table.insert(departed, pair) end
+  if depart(p, room, user) then
+    table.insert(departed, pair)
+    announce(room, user, 'leave')
+  end
 end
 local users = p .. 'users:' .. node
 for _, user in ipairs(redis.call('SDIFF', users, syncusers)) do
@@ -801,7 +861,10 @@ local departed = {}
 local held, users = p .. 'held:' .. node, p .. 'users:' .. node
 for _, pair in ipairs(redis.call('SMEMBERS', held)) do
   local room, user = split(pair)
-  if depart(p, room, user) then table.insert(departed, pair) end
+  if depart(p, room, user) then
+    table.insert(departed, pair)
+    announce(room, user, 'leave')
+  end
 end
 for _, user in ipairs(redis.call('SMEMBERS', users)) do
   redis.call('SREM', p .. 'user:' .. user, node)
@@ -839,13 +902,20 @@ class RedisPresence(NodePresence):
         heartbeat: float = HEARTBEAT,
         ttl: float = NODE_TTL,
         prefix: str = DEFAULT_PREFIX,
+        channel: str | None = ROOM_CHANNEL,
     ) -> None:
         super().__init__(node, clock, heartbeat, ttl)
         self.bus = bus
         self.prefix = prefix
+        #: The prefix of the rooms' channels the scripts publish presence
+        #: events on (None: they publish nothing, the node announces).
+        self.channel = channel
+        self.announces = channel is not None
 
     def _run(self, script: str, *args: Any) -> defer.Deferred[Any]:
-        return self.bus.eval(script, (), [self.prefix, self.node, *args])
+        return self.bus.eval(
+            script, (), [self.prefix, self.node, self.channel or "", *args]
+        )
 
     def _join(self, room: str, user: str) -> defer.Deferred[bool]:
         return self._run(JOIN, room, user).addCallback(lambda r: r == 1)
