@@ -29,6 +29,8 @@ from twisted_lab.observe.metrics import ServerStats
 from twisted_lab.ports import IBus, IPresence, IRequestChannel
 from twisted_lab.services import cluster
 from twisted_lab.services.chat import (
+    CHAT_LIMITS,
+    DIRECTORY_CACHE,
     DIRECTORY_DEADLINE,
     STOP_GRACE,
     SUBSCRIBE_SETTLE,
@@ -867,6 +869,85 @@ class FrozenDirectoryTests(ClusterHarness):
         self.settle()
         self.assertEqual(len(alice.received("sent")), 1)
         self.assertEqual([m["text"] for m in bob.received("private")], ["back"])
+
+
+class DirectoryReadTests(ClusterHarness):
+    """
+    who and rooms cannot make one client's connections multiply the reads
+    of the directory: a node reads one key once per DIRECTORY_CACHE
+    seconds however many ask, and concurrent asks share one read.
+    """
+
+    def test_concurrentWhoCostOneReadPerPeriod(self) -> None:
+        a = self.node("a")
+        members = [self.member(a, f"user{i}") for i in range(8)]
+        self.joined(members[0])
+        realMembers = a.presence._members  # type: ignore[attr-defined]
+        held: list[defer.Deferred[Any]] = []
+        hold = True
+        calls = []
+
+        def counted(room: str, limit: int) -> defer.Deferred[Any]:
+            calls.append(room)
+            if not hold:
+                return realMembers(room, limit)
+            answer: defer.Deferred[Any] = defer.Deferred()
+            held.append(answer)
+            return answer
+
+        self.patch(a.presence, "_members", counted)
+        for member in members * 5:
+            member.send(type="who", room="lobby")
+        self.assertEqual(len(calls), 1, "one read in flight, shared")
+        held[0].callback((1, ["user0"]))
+        for member in members:
+            replies = member.received("members")
+            self.assertEqual(len(replies), 5)
+            self.assertTrue(all(r["members"] == ["user0"] for r in replies))
+        self.clock.advance(DIRECTORY_CACHE * 0.9)
+        for member in members:
+            self.assertEqual(member.ask(type="who", room="lobby")["members"], ["user0"])
+        self.assertEqual(len(calls), 1, "answered from the last read")
+        self.clock.advance(DIRECTORY_CACHE * 0.1)
+        hold = False
+        self.assertEqual(members[1].ask(type="who", room="lobby")["members"], ["user0"])
+        self.assertEqual(len(calls), 2, "a period later: read again")
+        # A change this node knows of is never hidden by the cache.
+        joined = members[1].ask(type="join", room="lobby")
+        self.assertEqual(joined["members"], ["user0", "user1"])
+        self.assertEqual(len(calls), 3)
+        self.settle()
+        self.assertEqual(
+            members[2].ask(type="who", room="lobby")["members"], ["user0", "user1"]
+        )
+        self.assertEqual(len(calls), 4)
+
+    def test_anEventHeardFromAnotherNodeForgetsTheRead(self) -> None:
+        a, b = self.node("a"), self.node("b")
+        alice, bob = self.member(a, "alice"), self.member(b, "bob")
+        self.joined(alice)
+        self.assertEqual(alice.ask(type="who", room="lobby")["members"], ["alice"])
+        self.assertEqual(alice.ask(type="rooms")["rooms"][0]["members"], 1)
+        self.joined(bob)
+        self.assertEqual(
+            alice.ask(type="who", room="lobby")["members"], ["alice", "bob"]
+        )
+        self.assertEqual(alice.ask(type="rooms")["rooms"][0]["members"], 2)
+
+    def test_whoIsLimitedPerUserAcrossConnections(self) -> None:
+        """
+        The documented rates of who and rooms are a user's, whatever the
+        number of the user's connections to the node.
+        """
+        a = self.node("a")
+        connections = [self.member(a, "alice") for _ in range(6)]
+        codes = [
+            c.ask(type="who", room=f"room{i}").get("code", "ok")
+            for i in range(10)
+            for c in connections
+        ]
+        self.assertEqual(codes.count("ok"), CHAT_LIMITS["who"].burst)
+        self.assertEqual(codes.count("rate_limited"), 60 - CHAT_LIMITS["who"].burst)
 
 
 class LinkTests(ClusterHarness):

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.portal import IRealm
@@ -98,10 +100,96 @@ CONCURRENT_READS = 4
 DIRECTORY_DEADLINE = 1.0
 
 
+#: Seconds a node reuses the directory's answer to a read (a room's
+#: members, the rooms, their sizes), unless a presence change it knows of
+#: came meanwhile: however many connections ask, one read per key per
+#: period reaches Redis, and concurrent asks share one read.
+DIRECTORY_CACHE = 1.0
+#: Answers the cache keeps at most (a few KB each).
+DIRECTORY_CACHE_KEYS = 1024
+
+
 class DirectoryLate(Exception):
     """
     The presence directory did not answer within L{DIRECTORY_DEADLINE}.
     """
+
+
+class _Read:
+    __slots__ = ("answered", "result", "waiters")
+
+    def __init__(self) -> None:
+        self.answered: float | None = None
+        self.result: Any = None
+        self.waiters: list[defer.Deferred[Any]] = []
+
+
+class DirectoryReads:
+    """
+    The node's reads of the presence directory, each shared: asked while
+    the same read is in flight, it waits for that one; asked within
+    C{ttl} seconds of its answer, it is answered from it.  A change of
+    presence this node knows of (its own, or an event heard from the
+    others) forgets the reads it may change; failures are not kept.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        ttl: float = DIRECTORY_CACHE,
+        maxKeys: int = DIRECTORY_CACHE_KEYS,
+    ) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.maxKeys = maxKeys
+        self._reads: OrderedDict[tuple[Any, ...], _Read] = OrderedDict()
+        #: Reads sent to the directory (tests, metrics).
+        self.sent = 0
+
+    def get(
+        self, key: tuple[Any, ...], read: Callable[[], defer.Deferred[Any]]
+    ) -> defer.Deferred[Any]:
+        entry = self._reads.get(key)
+        if entry is not None:
+            if entry.answered is None:
+                waiter: defer.Deferred[Any] = defer.Deferred()
+                entry.waiters.append(waiter)
+                return waiter
+            if self.clock.seconds() - entry.answered < self.ttl:
+                return defer.succeed(entry.result)
+            del self._reads[key]
+        entry = self._reads[key] = _Read()
+        while len(self._reads) > self.maxKeys:
+            self._reads.popitem(last=False)
+        self.sent += 1
+        first: defer.Deferred[Any] = defer.Deferred()
+        entry.waiters.append(first)
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure) or self._reads.get(key) is not entry:
+                if self._reads.get(key) is entry:
+                    del self._reads[key]
+            else:
+                entry.answered = self.clock.seconds()
+                entry.result = result
+            waiters, entry.waiters = entry.waiters, []
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        defer.maybeDeferred(read).addBoth(done)
+        return first
+
+    def changed(self, room: str) -> None:
+        """
+        Someone joined or left C{room}: its members, the rooms and their
+        sizes are read again.
+        """
+        for key in list(self._reads):
+            if key[0] in ("rooms", "sizes") or key == ("members", room):
+                del self._reads[key]
 
 
 #: The rate of each request kind (docs/protocol.md, "Limits"): joins and
@@ -506,6 +594,7 @@ class ChatService(AuthService):
         #: are announced although they are still connected.
         self._leaving = False
         self._flushWaiters: list[defer.Deferred[None]] = []
+        self.directoryReads = DirectoryReads(self.clock)
         #: The directory missed a request's deadline and has not answered
         #: since: requests answer from this node at once.
         self._directoryLate = False
@@ -743,6 +832,8 @@ class ChatService(AuthService):
         name, username = room.name, user.username
 
         def answered(new: bool) -> None:
+            if new:
+                self.directoryReads.changed(name)
             if new and not self._directoryAnnounces:
                 self._announce(name, username, "join", exclude=mind)
 
@@ -775,6 +866,8 @@ class ChatService(AuthService):
         name, username = room.name, user.username
 
         def answered(gone: bool) -> None:
+            if gone:
+                self.directoryReads.changed(name)
             if gone and not self._directoryAnnounces:
                 self._announce(name, username, "leave")
 
@@ -829,9 +922,11 @@ class ChatService(AuthService):
         stops waiting for it (what it answers after is dropped).
         """
         answer: defer.Deferred[Any] = defer.Deferred()
+        waiting = False
 
         def answered(result: Any) -> None:
-            self._directoryLate = False
+            if waiting:  # (an answer at once may be a cached one)
+                self._directoryLate = False
             if answer.called:
                 return
             if isinstance(result, Failure):
@@ -842,6 +937,7 @@ class ChatService(AuthService):
         asking.addBoth(answered)
         if answer.called:
             return answer
+        waiting = True
         if self._directoryLate:
             answer.errback(DirectoryLate("the presence directory is late"))
             return answer
@@ -865,6 +961,11 @@ class ChatService(AuthService):
 
         return answer.addBoth(stopTimer)
 
+    def _members(self, name: str) -> defer.Deferred[tuple[int, list[str]]]:
+        return self.directoryReads.get(
+            ("members", name), lambda: self.presence.members(name, MAX_LISTED)
+        )
+
     async def roomMembers(self, name: str) -> tuple[int, list[str]]:
         """
         How many users are in room C{name}, cluster-wide, and the first
@@ -872,7 +973,7 @@ class ChatService(AuthService):
         be reached).
         """
         try:
-            return await self.withinDeadline(self.presence.members(name, MAX_LISTED))
+            return await self.withinDeadline(self._members(name))
         except Exception as e:  # noqa: BLE001 (the directory is a service)
             self._presenceFailed(Failure(e), "list the members of a room")
         room = self.rooms.get(name)
@@ -881,14 +982,22 @@ class ChatService(AuthService):
 
     async def roomsWithMembers(self) -> list[str]:
         try:
-            return await self.withinDeadline(self.presence.rooms(MAX_LISTED))
+            return await self.withinDeadline(
+                self.directoryReads.get(
+                    ("rooms",), lambda: self.presence.rooms(MAX_LISTED)
+                )
+            )
         except Exception as e:  # noqa: BLE001
             self._presenceFailed(Failure(e), "list the rooms")
         return [name for name, room in self.rooms.items() if room.members]
 
     async def roomSizes(self, names: list[str]) -> list[int]:
         try:
-            return await self.withinDeadline(self.presence.sizes(names))
+            return await self.withinDeadline(
+                self.directoryReads.get(
+                    ("sizes", *names), lambda: self.presence.sizes(names)
+                )
+            )
         except Exception as e:  # noqa: BLE001
             self._presenceFailed(Failure(e), "count the members of rooms")
         rooms = self.rooms
@@ -946,6 +1055,7 @@ class ChatService(AuthService):
         directory publishes them): told to every member connection here
         but the user's own (a user is not told of their own join).
         """
+        self.directoryReads.changed(room)
         held = self.rooms.get(room)
         if held is None:
             return
@@ -1009,6 +1119,8 @@ class ChatService(AuthService):
         Users found gone from rooms without a leave (their node died, or a
         resync): announce their leaves (unless the directory has).
         """
+        for room, _ in pairs:
+            self.directoryReads.changed(room)
         if self._directoryAnnounces:
             return
         for room, user in pairs:
