@@ -549,6 +549,36 @@ class TwoNodeTests(ClusterHarness):
         self.assertEqual(a.link.unannounced, {})  # type: ignore[union-attr]
         self.assertEqual(self.clusterCalls(), [], "no retry left")
 
+    def test_whatCannotBeAnnouncedIsCountedAndLogged(self) -> None:
+        """
+        Past MAX_UNANNOUNCED rooms, a room's position is dropped (said in
+        the log); a failed announcement is counted and logged like any
+        lost publication, then tried again.
+        """
+        self.patch(cluster, "MAX_UNANNOUNCED", 1)
+        a, b = self.node("a"), self.node("b")
+        alice, bob = self.member(a, "alice"), self.member(b, "bob")
+        self.joined(alice, bob)
+        self.joined(alice, bob, room="dev")
+        link = a.link
+        assert link is not None
+        a.bus.down = True  # type: ignore[union-attr]
+        self.say(alice, "one")
+        self.say(alice, "two", room="dev")
+        self.assertEqual(link.unannounced, {"lobby": 1})
+        self.assertEqual(link.dropped, 1)
+        self.assertEqual(len(self.recorder.named(events.BUS_POSITION_DROPPED)), 1)
+        failed = link.failed
+        self.clock.advance(cluster.RETRY_ANNOUNCE)
+        self.settle()
+        self.assertEqual(link.failed, failed + 1, "the announcement's failure")
+        a.bus.down = False  # type: ignore[union-attr]
+        self.clock.advance(cluster.RETRY_ANNOUNCE)
+        self.settle()
+        self.clock.advance(GAP_GRACE)
+        self.assertEqual(bob.seqs(), [1])
+        self.assertEqual(link.unannounced, {})
+
     def test_aReconnectedBusCatchesUpEveryRoom(self) -> None:
         a, b = self.node("a"), self.node("b")
         alice, bob = self.member(a, "alice"), self.member(b, "bob")

@@ -88,3 +88,6 @@ BUS_UNRESPONSIVE = "bus_unresponsive"
 WEB_UPGRADE_REFUSED = "web_upgrade_refused"
 WEBSOCKET_TOO_FRAGMENTED = "websocket_too_fragmented"
 WEBSOCKET_CONTROL_FLOOD = "websocket_control_flood"
+
+# The chat cluster's review (issue 12): bounds that now say when they bite.
+BUS_POSITION_DROPPED = "bus_position_dropped"

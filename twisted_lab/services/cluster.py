@@ -176,6 +176,8 @@ class ClusterLink:
         self.published = 0
         self.failed = 0
         self.refused = 0
+        #: Rooms' positions not remembered for announcement (the bound).
+        self.dropped = 0
         bus.subscribe(NODE_CHANNEL + node, self._received)
         bus.onReconnect(self._reconnected)
 
@@ -333,6 +335,19 @@ class ClusterLink:
             return
         if room in self._unannounced or len(self._unannounced) < MAX_UNANNOUNCED:
             self._unannounced[room] = max(seq, self._unannounced.get(room, 0))
+        else:
+            self.dropped += 1
+            if self.admit(events.BUS_POSITION_DROPPED):
+                self.log.warn(
+                    "node {node}: {room}'s seq {seq} is not remembered to be"
+                    " announced ({rooms} rooms already are): the others read it"
+                    " at the room's next message or catch-up",
+                    event=events.BUS_POSITION_DROPPED,
+                    node=self.node,
+                    room=room,
+                    seq=seq,
+                    rooms=MAX_UNANNOUNCED,
+                )
         self._scheduleRetry()
 
     def _scheduleRetry(self) -> None:
@@ -350,8 +365,12 @@ class ClusterLink:
             publishing = self._publish(ROOM_CHANNEL + room, payload)
             publishing.addCallbacks(
                 lambda _, room=room, seq=seq: self._announced(room, seq),
-                lambda failure: self._scheduleRetry(),
+                self._announceFailed,
             )
+
+    def _announceFailed(self, failure: Any) -> None:
+        self._lost(failure, "position")
+        self._scheduleRetry()
 
     @property
     def unannounced(self) -> dict[str, int]:

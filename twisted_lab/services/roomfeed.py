@@ -35,6 +35,7 @@ every room of a node retries, and a few lines say so.
 from __future__ import annotations
 
 from collections.abc import Callable
+from sys import getsizeof
 from typing import Any
 
 from twisted.internet import defer
@@ -63,9 +64,10 @@ Deliver = Callable[[list[HistoryRow]], None]
 
 def rowSize(row: HistoryRow) -> int:
     """
-    What holding C{row} costs (an upper bound of its share of memory).
+    What holding C{row} costs: the memory of its strings (a character of
+    text outside Latin-1 takes 2 or 4 bytes), and its share of the rest.
     """
-    return ROW_OVERHEAD + len(row[1]) + len(row[2]) + len(row[3])
+    return ROW_OVERHEAD + getsizeof(row[1]) + getsizeof(row[2]) + getsizeof(row[3])
 
 
 class HeldBudget:
