@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 from tests.redisserver import RedisServer, requireServer
 from twisted_lab.bus import RedisBus
 from twisted_lab.ports import IPresence
+from twisted_lab.services import presence as presenceModule
 from twisted_lab.services.cluster import ROOM_CHANNEL, presencePayload
 from twisted_lab.services.presence import Pair, RedisPresence
 
@@ -240,3 +241,37 @@ class RedisPresenceTests(TestCase):
         self.assertEqual((departed, reaped), ([("lobby", "bob")], ["b"]))
         yield until(4)
         self.assertEqual(heard[3], presencePayload("a", "lobby", "bob", "leave"))
+
+    @defer.inlineCallbacks
+    def test_aDeadNodeIsReapedABudgetAtATime(self) -> Any:
+        """
+        A dead node with more entries than REAP_BUDGET is reaped over
+        several heartbeats (each script holds the server a bounded time):
+        every member leaves once, and the node's entry goes only with the
+        last of its share.
+        """
+        self.patch(presenceModule, "REAP_BUDGET", 2)
+        a, heardA, _ = yield self.presence("a")
+        b, _, _ = yield self.presence("b")
+        users = [f"u{i}" for i in range(5)]
+        for user in users:
+            yield b.joined("lobby", user)
+            yield b.attached(user)
+        for node in (b, a):
+            yield node._beaten((yield node._heartbeat(False)))
+        yield deferLater(reactor, TTL + 0.2, lambda: None)  # b is dead
+        departedAll: list[Pair] = []
+        beats = []
+        while True:
+            _, live, departed, reaped = yield a._heartbeat(True)
+            beats.append((len(departed), reaped))
+            departedAll += departed
+            self.assertEqual(live, ["a"])
+            if reaped or len(beats) > 5:
+                break
+        self.assertEqual(beats, [(2, []), (2, []), (1, ["b"])])
+        self.assertEqual(sorted(departedAll), [("lobby", user) for user in users])
+        self.assertEqual((yield a.members("lobby", 10)), (0, []))
+        self.assertEqual((yield a.rooms(10)), [])
+        for user in users:
+            self.assertEqual((yield a.route(user, 1.0, 1.0)), (0.0, []))
