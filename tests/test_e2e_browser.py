@@ -632,6 +632,58 @@ class ChatInTheBrowserTests(BrowserTestCase):
         self.assertEqual(len(proxies), 2)
         expect(bob.locator("#conversation-title")).to_have_text("#lobby")
 
+    def test_aBusyRoomKeepsTheNewestAndOlderBringsMoreBack(self) -> None:
+        """
+        A conversation keeps its newest 500 entries (the page would
+        otherwise grow with every message for as long as it is open); the
+        "older" button asks for earlier ones again, and keeps them; the
+        saved last seq is written at most once a second, and when the page
+        goes away.
+        """
+        from playwright.sync_api import expect
+
+        server = self.server("--message-rate", "1000", "--message-burst", "1000")
+        carol = self.terminal(server.port)
+        carol.login("carol", register=True)
+        carol.call({"type": "join", "room": "busy"})
+        page = self.page(server.url)
+        self.register(page, "alice")
+        self.join(page, "busy")
+        writes = "window.__writes = 0; const set = Storage.prototype.setItem;"
+        writes += "Storage.prototype.setItem = function (...a) {"
+        writes += " window.__writes += 1; return set.apply(this, a); };"
+        page.evaluate(f"() => {{ {writes} }}")
+        for i in range(700):
+            carol.say("busy", f"line {i}")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#messages .text')]"
+            ".some(e => e.textContent === 'line 699')"
+        )
+        shown = self.shown(page)
+        self.assertEqual(len(page.locator("#messages li").all()), 500)
+        self.assertInSeqOrder(shown)
+        self.assertEqual(shown[-1][2], "line 699")
+        first = shown[0][0]
+        self.assertLessEqual(page.evaluate("window.__writes"), 10)  # (was 700)
+
+        older = page.locator("#older-button")
+        expect(older).to_be_visible()
+        older.click()
+        page.wait_for_function(
+            "seq => document.querySelector("
+            "`#messages li.message[data-seq='${seq}']`) !== null",
+            arg=first - 100,
+        )
+        again = self.shown(page)
+        self.assertInSeqOrder(again)
+        self.assertEqual((again[0][0], again[-1][0]), (first - 100, shown[-1][0]))
+
+        # Leaving the page saves where it was: the next visit asks for
+        # nothing it has seen.
+        page.goto(server.url + "not-the-page")  # (same origin: its storage)
+        saved = page.evaluate("JSON.parse(localStorage.getItem('netlab-chat'))")
+        self.assertEqual(saved["rooms"]["busy"], shown[-1][0])
+
     def test_phoneSizeAndScreenshots(self) -> None:
         from playwright.sync_api import expect
 

@@ -9,13 +9,24 @@
 //  - each room's messages are kept by seq: a message already shown is never
 //    shown twice, and after a reconnect (or a reload) the page asks `history`
 //    with `after` = the last seq it holds without a hole, page by page, so
-//    nothing said meanwhile is missed.
+//    nothing said meanwhile is missed;
+//  - a busy room costs the page little and bounded: each conversation keeps
+//    its newest MAX_ENTRIES messages (the "older" button asks the server for
+//    earlier ones again), what arrives is put in the page once per animation
+//    frame (one layout read per batch, not per message), and the saved state
+//    is written at most once a second.
 "use strict";
 
 (() => {
   const STORAGE_KEY = "netlab-chat";
   const HISTORY_PAGE = 500;
   const OLDER_PAGE = 100;
+  // Entries (messages and system lines) a conversation keeps: its newest,
+  // while the reader is at the bottom; up to MAX_KEPT while scrolled up or
+  // after "older" brought earlier ones back.
+  const MAX_ENTRIES = 500;
+  const MAX_KEPT = 2000;
+  const PERSIST_DELAY_MS = 1000;
   const PING_INTERVAL_MS = 45000;
   const PING_TIMEOUT_MS = 20000;
   const MAX_BACKOFF_MS = 30000;
@@ -50,13 +61,22 @@
   }
 
   const saved = loadSaved();
+  let persistTimer = null;
 
   function persist() {
+    clearTimeout(persistTimer);
+    persistTimer = null;
     try {
       localStorage.setItem(STORAGE_KEY, JSON.stringify(saved));
     } catch (e) {
       // Storage full or disabled: the page still works, without resuming.
     }
+  }
+
+  // For what changes with every message (the last seq of a room): written
+  // once a second at most, and when the page goes away.
+  function persistSoon() {
+    if (persistTimer === null) persistTimer = setTimeout(persist, PERSIST_DELAY_MS);
   }
 
   function forgetSession() {
@@ -572,6 +592,7 @@
         // page started the room); null until the first join.
         last: typeof stored === "number" ? stored : null,
         lowest: null,
+        limit: MAX_ENTRIES,
         members: new Set(),
         moreMembers: false,
         joined: false,
@@ -587,7 +608,7 @@
   function saveLast(room) {
     if (room.wanted && room.last !== null) {
       saved.rooms[room.name] = room.last;
-      persist();
+      persistSoon();
     }
   }
 
@@ -636,6 +657,7 @@
       room.seqs = new Set();
       room.lowest = null;
       room.last = null;
+      room.limit = MAX_ENTRIES;
       if (isCurrent(room)) render();
     }
     if (room.last === null) {
@@ -686,6 +708,8 @@
         onReply: (reply) => {
           const messages = Array.isArray(reply.messages) ? reply.messages : [];
           for (const message of messages) roomMessage({ ...message, room: room.name }, false);
+          // Kept, though over the usual number, until another room is shown.
+          room.limit = Math.min(MAX_KEPT, Math.max(room.limit, room.entries.length));
           renderOlder();
         },
         onError: (error) => errorNotice(error),
@@ -731,10 +755,12 @@
     const shown = current && current.kind === "room" && current.name === name;
     if (!shown && live && entry.from !== saved.user) {
       room.unread += 1;
-      renderNav();
+      renderNavSoon();
     }
   }
 
+  // Into the conversation's entries, in seq order; into the page at the
+  // next animation frame (showSoon), with the others that arrive meanwhile.
   function insertEntry(conversation, entry) {
     const entries = conversation.entries;
     let position = entries.length;
@@ -748,13 +774,100 @@
     }
     entries.splice(position, 0, entry);
     if (isCurrent(conversation)) {
-      const stick = nearBottom();
-      const before = entries[position + 1];
-      ui.messages.insertBefore(entryElement(entry), before ? entryElement(before) : null);
-      ui.emptyHint.hidden = true;
-      if (stick || entry.from === saved.user) scrollToBottom();
-      renderOlder();
+      if (!entry.system && entry.from === saved.user) followMine = true;
+      trim(conversation, MAX_KEPT);
+      showSoon();
+    } else {
+      trim(conversation, MAX_ENTRIES);
     }
+  }
+
+  // Drop the oldest entries past `limit` (their elements too). A room
+  // forgets their seqs, so "older" can bring them back, and shows the
+  // button for it.
+  function trim(conversation, limit) {
+    const entries = conversation.entries;
+    const excess = entries.length - limit;
+    if (excess <= 0) return;
+    const removed = entries.splice(0, excess);
+    let highest = null;
+    for (const entry of removed) {
+      if (entry.el) {
+        entry.el.remove();
+        entry.el = null;
+      }
+      if (entry.seq === undefined || conversation.kind !== "room") continue;
+      highest = entry.seq;
+      // (A seq past a hole still being caught up is remembered: it was
+      // seen, and `last` must be able to pass it.)
+      if (entry.seq <= conversation.last) conversation.seqs.delete(entry.seq);
+    }
+    if (conversation.kind === "room") {
+      const first = entries.find((entry) => entry.seq !== undefined);
+      if (first) conversation.lowest = first.seq;
+      else if (highest !== null) conversation.lowest = highest + 1;
+    }
+  }
+
+  // -- putting what arrived in the page, once per frame ----------------------
+
+  let frameRequested = false;
+  let messagesDirty = false;
+  let navDirty = false;
+  let followMine = false;
+
+  function scheduleFrame() {
+    if (frameRequested) return;
+    frameRequested = true;
+    requestAnimationFrame(flush);
+  }
+
+  function showSoon() {
+    messagesDirty = true;
+    scheduleFrame();
+  }
+
+  function renderNavSoon() {
+    navDirty = true;
+    scheduleFrame();
+  }
+
+  function flush() {
+    frameRequested = false;
+    if (navDirty) {
+      navDirty = false;
+      renderNav();
+    }
+    if (!messagesDirty) return;
+    messagesDirty = false;
+    const conversation = currentConversation();
+    if (!conversation) return;
+    // One layout read for the whole batch, before it changes the page.
+    const stick = followMine || nearBottom();
+    followMine = false;
+    trim(conversation, stick ? conversation.limit || MAX_ENTRIES : MAX_KEPT);
+    syncMessages(conversation);
+    renderOlder();
+    if (stick) scrollToBottom();
+  }
+
+  // Make the list the conversation's entries: the page holds a subsequence
+  // of them in order (trimmed ones are removed as they go), so one walk
+  // puts each new element before the first one after it.
+  function syncMessages(conversation) {
+    const box = ui.messages;
+    let node = box.firstElementChild;
+    for (const entry of conversation.entries) {
+      const item = entryElement(entry);
+      if (item === node) node = node.nextElementSibling;
+      else box.insertBefore(item, node);
+    }
+    while (node) {
+      const next = node.nextElementSibling;
+      node.remove();
+      node = next;
+    }
+    ui.emptyHint.hidden = conversation.entries.length > 0;
   }
 
   function systemLine(conversation, text) {
@@ -803,7 +916,7 @@
   function privateFor(name) {
     let conversation = privates.get(name);
     if (!conversation) {
-      conversation = { kind: "private", name, entries: [], unread: 0 };
+      conversation = { kind: "private", name, entries: [], unread: 0, limit: MAX_ENTRIES };
       privates.set(name, conversation);
       renderNav();
     }
@@ -817,7 +930,7 @@
     insertEntry(conversation, { from, text: asText(message.text), ts: asText(message.ts) });
     if (!isCurrent(conversation)) {
       conversation.unread += 1;
-      renderNav();
+      renderNavSoon();
     }
   }
 
@@ -888,6 +1001,8 @@
     persist();
     const conversation = kind === "room" ? roomFor(name) : privateFor(name);
     conversation.unread = 0;
+    conversation.limit = MAX_ENTRIES;
+    trim(conversation, MAX_ENTRIES);
     closeDrawer();
     render();
     scrollToBottom();
@@ -1003,7 +1118,7 @@
     ui.title.textContent = conversation.kind === "room" ? `#${conversation.name}` : `@${conversation.name}`;
     ui.leaveButton.hidden = conversation.kind !== "room";
     ui.membersButton.hidden = conversation.kind !== "room";
-    for (const entry of conversation.entries) ui.messages.append(entryElement(entry));
+    ui.messages.replaceChildren(...conversation.entries.map(entryElement));
     ui.emptyHint.hidden = conversation.entries.length > 0;
     if (conversation.entries.length === 0) {
       ui.emptyHint.textContent =
@@ -1104,6 +1219,7 @@
   });
   window.addEventListener("online", reconnectNow);
   window.addEventListener("pagehide", () => {
+    if (persistTimer !== null) persist();
     stopped = true;
     if (socket) socket.close(1001);
   });
