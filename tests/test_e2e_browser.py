@@ -684,6 +684,35 @@ class ChatInTheBrowserTests(BrowserTestCase):
         saved = page.evaluate("JSON.parse(localStorage.getItem('netlab-chat'))")
         self.assertEqual(saved["rooms"]["busy"], shown[-1][0])
 
+    def test_privateConversationsAreBounded(self) -> None:
+        """
+        Anyone can open a private conversation with a page: it keeps the
+        50 most recently active (and the one shown).
+        """
+        from playwright.sync_api import expect
+
+        server = self.server()
+        page = self.browser.new_context().new_page()
+        page.on("pageerror", lambda error: self.pageErrors.append(str(error)))
+        proxies: list[Any] = []
+
+        def proxy(ws: Any) -> None:
+            ws.connect_to_server()
+            proxies.append(ws)
+
+        page.route_web_socket(f"ws://127.0.0.1:{server.webPort}/ws", proxy)
+        page.goto(server.url)
+        self.register(page, "alice")
+        self.join(page, "lobby")
+        for i in range(60):
+            message = {"type": "private", "from": f"user{i}", "text": f"hi {i}"}
+            proxies[-1].send(json.dumps(message))
+        expect(page.locator("#private-list li")).to_have_count(50)
+        names = page.locator("#private-list button").evaluate_all(
+            "buttons => buttons.map(b => b.dataset.user)"
+        )
+        self.assertEqual(names, [f"user{i}" for i in range(10, 60)])
+
     def test_phoneSizeAndScreenshots(self) -> None:
         from playwright.sync_api import expect
 

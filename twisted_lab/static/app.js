@@ -12,9 +12,10 @@
 //    nothing said meanwhile is missed;
 //  - a busy room costs the page little and bounded: each conversation keeps
 //    its newest MAX_ENTRIES messages (the "older" button asks the server for
-//    earlier ones again), what arrives is put in the page once per animation
-//    frame (one layout read per batch, not per message), and the saved state
-//    is written at most once a second.
+//    earlier ones again), at most MAX_PRIVATES private conversations are
+//    kept, what arrives is put in the page once per animation frame (one
+//    layout read per batch, not per message), and the saved state is
+//    written at most once a second.
 "use strict";
 
 (() => {
@@ -26,6 +27,7 @@
   // after "older" brought earlier ones back.
   const MAX_ENTRIES = 500;
   const MAX_KEPT = 2000;
+  const MAX_PRIVATES = 50;
   const PERSIST_DELAY_MS = 1000;
   const PING_INTERVAL_MS = 45000;
   const PING_TIMEOUT_MS = 20000;
@@ -577,6 +579,7 @@
 
   const rooms = new Map(); // name -> room
   const privates = new Map(); // username -> conversation
+  let activity = 0; // orders private conversations by their last message
   let current = null; // {kind, name}
 
   function roomFor(name) {
@@ -814,6 +817,7 @@
   let frameRequested = false;
   let messagesDirty = false;
   let navDirty = false;
+  let membersDirty = false;
   let followMine = false;
 
   function scheduleFrame() {
@@ -832,11 +836,20 @@
     scheduleFrame();
   }
 
+  function renderMembersSoon() {
+    membersDirty = true;
+    scheduleFrame();
+  }
+
   function flush() {
     frameRequested = false;
     if (navDirty) {
       navDirty = false;
       renderNav();
+    }
+    if (membersDirty) {
+      membersDirty = false;
+      renderMembers();
     }
     if (!messagesDirty) return;
     messagesDirty = false;
@@ -886,7 +899,7 @@
       room.members.delete(user);
       systemLine(room, `${user} left`);
     }
-    if (isCurrent(room)) renderMembers();
+    if (isCurrent(room)) renderMembersSoon();
   }
 
   let directoryTimer = null;
@@ -917,8 +930,19 @@
     let conversation = privates.get(name);
     if (!conversation) {
       conversation = { kind: "private", name, entries: [], unread: 0, limit: MAX_ENTRIES };
+      conversation.active = ++activity;
       privates.set(name, conversation);
-      renderNav();
+      // Any user can open one: past MAX_PRIVATES the least recently active
+      // is forgotten (never the one shown).
+      if (privates.size > MAX_PRIVATES) {
+        let oldest = null;
+        for (const other of privates.values()) {
+          if (other === conversation || isCurrent(other)) continue;
+          if (!oldest || other.active < oldest.active) oldest = other;
+        }
+        if (oldest) privates.delete(oldest.name);
+      }
+      renderNavSoon();
     }
     return conversation;
   }
@@ -927,6 +951,7 @@
     const from = asText(message.from);
     if (!from) return;
     const conversation = privateFor(from);
+    conversation.active = ++activity;
     insertEntry(conversation, { from, text: asText(message.text), ts: asText(message.ts) });
     if (!isCurrent(conversation)) {
       conversation.unread += 1;
@@ -1001,6 +1026,7 @@
     persist();
     const conversation = kind === "room" ? roomFor(name) : privateFor(name);
     conversation.unread = 0;
+    if (kind === "private") conversation.active = ++activity;
     conversation.limit = MAX_ENTRIES;
     trim(conversation, MAX_ENTRIES);
     closeDrawer();
