@@ -230,6 +230,13 @@ class ClusterEndToEndTests(TestCase):
         await defer.gatherResults(
             [defer.ensureDeferred(s.start()) for s in servers], consumeErrors=True
         )
+        # Listening comes first; the bus connects after (a node serves
+        # without it, but registrations need the shared limits in Redis).
+        for server in servers:
+            started = time.monotonic()
+            while server.eventNames().count("bus_connected") < 2:
+                self.assertLess(time.monotonic() - started, DEADLINE, server.log())
+                await pause(0.05)
         return servers
 
     async def peer(self, server: Server, user: str, *rooms: str) -> Peer:
