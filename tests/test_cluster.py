@@ -809,6 +809,62 @@ class TwoNodeTests(ClusterHarness):
         )
 
 
+class NodeNameTests(ClusterHarness):
+    def test_aSecondProcessWithTheSameNameStops(self) -> None:
+        """
+        Two processes started with one --node: the second's changes and
+        heartbeats are refused (the first holds the name), and once that
+        has lasted longer than a TTL (a crashed predecessor's claim would
+        have lapsed) it says so and stops; the first's share is whole.
+        """
+        first = self.node("a")
+        first.startCluster()
+        alice = self.member(first, "alice")
+        self.joined(alice)
+        self.pump(HEARTBEAT)
+        second = self.node("a")
+        conflicts: list[str] = []
+        second.presence.onConflict(conflicts.append)  # type: ignore[attr-defined]
+        second.startCluster()
+        bob = self.member(second, "bob")
+        self.assertEqual(bob.ask(type="join", room="lobby")["type"], "joined")
+        self.pump(NODE_TTL)
+        self.assertEqual(conflicts, [])
+        self.pump(HEARTBEAT * 2)
+        self.assertEqual(conflicts, ["a"])
+        self.assertEqual(len(self.recorder.named(events.NODE_NAME_TAKEN)), 1)
+        self.successResultOf(second.stopCluster())
+        other = self.node("b")
+        carol = self.member(other, "carol")
+        self.assertEqual(
+            carol.ask(type="who", room="lobby")["members"], ["alice"], "whole"
+        )
+        self.assertEqual(carol.ask(type="msg", to="alice", text="hi")["type"], "sent")
+
+    def test_aRestartedNodeWaitsForItsPredecessorsClaim(self) -> None:
+        """
+        A node killed and started again at once (the same name, a new
+        process) is refused until its predecessor's claim lapses (the
+        TTL), then writes its share: no conflict.
+        """
+        first = self.node("a")
+        first.startCluster()
+        self.pump(HEARTBEAT)
+        first.presence.running = False  # type: ignore[attr-defined]  # killed
+        again = self.node("a")
+        conflicts: list[str] = []
+        again.presence.onConflict(conflicts.append)  # type: ignore[attr-defined]
+        again.startCluster()
+        alice = self.member(again, "alice")
+        self.joined(alice)
+        self.pump(NODE_TTL + HEARTBEAT * 2)
+        self.assertEqual(conflicts, [])
+        self.assertFalse(again.presence.dirty)  # type: ignore[attr-defined]
+        other = self.node("b")
+        bob = self.member(other, "bob")
+        self.assertEqual(bob.ask(type="who", room="lobby")["members"], ["alice"])
+
+
 #: What a directory that cannot be reached fails.
 FAILING = (
     "_join _leave _attach _detach _members _rooms _sizes _route _heartbeat _sync"

@@ -26,7 +26,7 @@ from twisted_lab.bus import RedisBus
 from twisted_lab.ports import IPresence
 from twisted_lab.services import presence as presenceModule
 from twisted_lab.services.cluster import ROOM_CHANNEL, presencePayload
-from twisted_lab.services.presence import Pair, RedisPresence
+from twisted_lab.services.presence import NodeNameTaken, Pair, RedisPresence
 
 HEARTBEAT = 0.1
 TTL = 0.4
@@ -275,3 +275,25 @@ class RedisPresenceTests(TestCase):
         self.assertEqual((yield a.rooms(10)), [])
         for user in users:
             self.assertEqual((yield a.route(user, 1.0, 1.0)), (0.0, []))
+
+    @defer.inlineCallbacks
+    def test_oneProcessPerNodeName(self) -> Any:
+        """
+        The heartbeat claims the node's name for its process: another
+        process with the same name has its changes refused (NODETAKEN)
+        while the claim lives, and may take the name once it has lapsed
+        (the first process died).
+        """
+        first, _, _ = yield self.presence("a")
+        second, _, _ = yield self.presence("a")
+        yield first._beaten((yield first._heartbeat(False)))
+        yield first.joined("lobby", "alice")
+        yield self.assertFailure(second.joined("lobby", "bob"), NodeNameTaken)
+        yield self.assertFailure(second._heartbeat(False), NodeNameTaken)
+        yield self.assertFailure(second._remove(), NodeNameTaken)
+        self.assertEqual((yield second.members("lobby", 10)), (1, ["alice"]))
+        # first dies: its claim lapses with its entry.
+        yield deferLater(reactor, TTL + 0.2, lambda: None)
+        fresh, _, _, _ = yield second._heartbeat(False)
+        self.assertTrue(fresh)
+        yield self.assertFailure(first.joined("lobby", "carol"), NodeNameTaken)

@@ -200,9 +200,9 @@ class ClusterEndToEndTests(TestCase):
         for peer in self.peers:
             peer.close()
 
-    def node(self, name: str) -> Server:
+    def node(self, name: str, directory: str = "") -> Server:
         server = Server(
-            self.workdir / name,
+            self.workdir / (directory or name),
             "netlab-chat",
             "--db",
             self.database,
@@ -511,6 +511,22 @@ class ClusterEndToEndTests(TestCase):
             self.assertLess(waited, DEADLINE, who)
             await pause(0.2)
             waited += 0.2
+
+    @defer.inlineCallbacks
+    def test_aSecondNodeWithTheSameNameStops(self) -> Any:
+        yield defer.ensureDeferred(self.sameName())
+
+    async def sameName(self) -> None:
+        [a] = await self.nodes("a")
+        alice = await self.peer(a, "alice", "lobby")
+        twin = self.node("a", directory="twin")
+        await twin.start()
+        started = time.monotonic()
+        self.assertEqual(await twin.wait(), 0, twin.log())
+        self.assertLess(time.monotonic() - started, TTL + 2 * HEARTBEAT + SLACK + 2)
+        self.assertIn("node_name_taken", twin.eventNames())
+        who = await alice.ask(type="who", room="lobby")
+        self.assertEqual(who["members"], ["alice"], "the first node's share")
 
     @defer.inlineCallbacks
     def test_postgresRestarted(self) -> Any:

@@ -91,3 +91,4 @@ WEBSOCKET_CONTROL_FLOOD = "websocket_control_flood"
 
 # The chat cluster's review (issue 12): bounds that now say when they bite.
 BUS_POSITION_DROPPED = "bus_position_dropped"
+NODE_NAME_TAKEN = "node_name_taken"

@@ -46,6 +46,7 @@ the next beats); a resync is sent in chunks of L{SYNC_CHUNK} entries.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -73,6 +74,13 @@ SYNC_CHUNK = 500
 Pair = tuple[str, str]
 DepartedListener = Callable[[list[Pair]], object]
 NodesGoneListener = Callable[[set[str]], object]
+
+
+class NodeNameTaken(Exception):
+    """
+    Another process runs as this node (the same C{--node}): the directory
+    refused this one's change.
+    """
 
 
 def _pairKey(room: str, user: str) -> str:
@@ -127,6 +135,11 @@ class NodePresence:
         #: operation that made the change): the node does not announce
         #: what its calls answer, nor what its listeners are told.
         self.announces = False
+        #: This process's token: its claim on the node's name.
+        self.token = os.urandom(8).hex()
+        #: Since when the directory says another process holds the name.
+        self._takenSince: float | None = None
+        self._conflictListeners: list[Callable[[str], object]] = []
 
     # -- IPresence ----------------------------------------------------------------
 
@@ -175,6 +188,14 @@ class NodePresence:
         self, user: str, rate: float, burst: float
     ) -> defer.Deferred[tuple[float, list[str]]]:
         return self._route(user, rate, burst)
+
+    def onConflict(self, callback: Callable[[str], object]) -> None:
+        """
+        Call C{callback(node)} once another process is found to run as
+        this node: the directory refused this one's heartbeats for longer
+        than the TTL (a crashed predecessor's claim lapses within it).
+        """
+        self._conflictListeners.append(callback)
 
     def suspect(self) -> None:
         """
@@ -234,6 +255,7 @@ class NodePresence:
         self, result: tuple[bool, list[str], list[Pair], list[str]]
     ) -> defer.Deferred[None] | None:
         fresh, live, departed, reaped = result
+        self._takenSince = None
         if self._healthySince is None:
             self._healthySince = self.clock.seconds()
         if self._failing:
@@ -264,6 +286,8 @@ class NodePresence:
     def _beatFailed(self, failure: Any) -> None:
         self._healthySince = None
         self.dirty = True
+        if failure.check(NodeNameTaken):
+            self._nameTaken()
         if not self._failing:
             self._failing = True
             self.log.warn(
@@ -273,6 +297,23 @@ class NodePresence:
                 reason=failure.getErrorMessage(),
                 interval=self.heartbeat,
             )
+
+    def _nameTaken(self) -> None:
+        now = self.clock.seconds()
+        if self._takenSince is None:
+            self._takenSince = now
+        if now - self._takenSince <= self.ttl + self.heartbeat:
+            return  # perhaps the claim of this node's last process, lapsing
+        self.log.error(
+            "node {node}: another process runs with this node's name (--node):"
+            " two nodes must not share a name; this one stops",
+            event=events.NODE_NAME_TAKEN,
+            node=self.node,
+        )
+        self.running = False
+        listeners, self._conflictListeners = self._conflictListeners, []
+        for listener in listeners:
+            listener(self.node)
 
     def _resync(self) -> defer.Deferred[None]:
         """
@@ -400,6 +441,8 @@ class LocalDirectory:
         #: room -> user -> nodes holding the pair
         self.count: dict[str, dict[str, int]] = {}
         self.userNodes: dict[str, set[str]] = {}
+        #: node -> (the token of the process running as it, until when)
+        self.owners: dict[str, tuple[str, float]] = {}
         self._inboxes: dict[tuple[float, float], TokenBucket] = {}
 
     def presence(
@@ -411,6 +454,17 @@ class LocalDirectory:
         return LocalPresence(self, node, heartbeat, ttl)
 
     # The operations, each atomic (as one Lua script is).
+
+    def owned(self, node: str, token: str) -> bool:
+        """
+        Whether the process of C{token} may change node C{node}'s share
+        (no other live process holds the name).
+        """
+        owner = self.owners.get(node)
+        return owner is None or owner[0] == token or owner[1] < self.clock.seconds()
+
+    def claim(self, node: str, token: str, ttl: float) -> None:
+        self.owners[node] = (token, self.clock.seconds() + ttl)
 
     def _announce(self, origin: str, room: str, user: str, event: str) -> None:
         if self.bus is not None:
@@ -521,6 +575,7 @@ class LocalDirectory:
         pairs whose user is gone cluster-wide.
         """
         self.expiry.pop(node, None)
+        self.owners.pop(node, None)
         departed = [p for p in sorted(self.held.pop(node, set())) if self._depart(*p)]
         for room, user in departed:
             self._announce(origin or node, room, user, "leave")
@@ -550,21 +605,39 @@ class LocalPresence(NodePresence):
         super().__init__(node, directory.clock, heartbeat, ttl)
         self.directory = directory
         self.announces = directory.bus is not None
+
+    def _owned(self) -> defer.Deferred[Any] | None:
+        """
+        None if this process may change its node's share, else the failure.
+        """
+        if self.directory.owned(self.node, self.token):
+            return None
+        return defer.fail(NodeNameTaken("another process runs as this node"))
         #: Nothing to write again before the first heartbeat: the share
         #: is written as it changes.
         self.dirty = False
 
     def _join(self, room: str, user: str) -> defer.Deferred[bool]:
-        return defer.succeed(self.directory.join(self.node, room, user))
+        return self._owned() or defer.succeed(
+            self.directory.join(self.node, room, user)
+        )
 
     def _leave(self, room: str, user: str) -> defer.Deferred[bool]:
-        return defer.succeed(self.directory.leave(self.node, room, user))
+        return self._owned() or defer.succeed(
+            self.directory.leave(self.node, room, user)
+        )
 
     def _attach(self, user: str) -> defer.Deferred[None]:
+        refused = self._owned()
+        if refused is not None:
+            return refused
         self.directory.attach(self.node, user)
         return defer.succeed(None)
 
     def _detach(self, user: str) -> defer.Deferred[None]:
+        refused = self._owned()
+        if refused is not None:
+            return refused
         self.directory.detach(self.node, user)
         return defer.succeed(None)
 
@@ -585,13 +658,17 @@ class LocalPresence(NodePresence):
     def _heartbeat(
         self, reap: bool
     ) -> defer.Deferred[tuple[bool, list[str], list[Pair], list[str]]]:
+        refused = self._owned()
+        if refused is not None:
+            return refused
+        self.directory.claim(self.node, self.token, self.ttl)
         return defer.succeed(self.directory.heartbeat(self.node, self.ttl, reap))
 
     def _sync(self, items: list[str]) -> defer.Deferred[list[Pair]]:
-        return defer.succeed(self.directory.sync(self.node, items))
+        return self._owned() or defer.succeed(self.directory.sync(self.node, items))
 
     def _remove(self) -> defer.Deferred[list[Pair]]:
-        return defer.succeed(self.directory.remove(self.node))
+        return self._owned() or defer.succeed(self.directory.remove(self.node))
 
 
 # -- in Redis -------------------------------------------------------------------------
@@ -618,6 +695,8 @@ class ScriptRunner(Protocol):
 #:   user:USER        SET nodes holding a connection of the user
 #:   inbox:USER       HASH tokens, at: the user's private-message bucket
 #:   sync:NODE, syncusers:NODE   a resync in progress (expire in 60 s)
+#:   owner:NODE       the token of the process running as NODE (expires
+#:                    with its entry; renewed by its heartbeat)
 #: The server's own clock (TIME) times the entries: the nodes' clocks may
 #: disagree.  One Redis-protocol server (or a primary), not Redis Cluster:
 #: the scripts name keys they compute.
@@ -641,7 +720,16 @@ local function split(pair)
   local space = string.find(pair, ' ', 1, true)
   return string.sub(pair, 1, space - 1), string.sub(pair, space + 1)
 end
-local p, node, channel = ARGV[1], ARGV[2], ARGV[3]
+local p, node, channel, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- One process per node name: the heartbeat holds owner:NODE (this
+-- process's token, living as long as the node's entry); a change by
+-- another process under the same name is refused (NODETAKEN), so that two
+-- nodes started with one --node do not clobber each other's share.
+local function owned()
+  local owner = redis.call('GET', p .. 'owner:' .. node)
+  return (not owner) or owner == token
+end
+local TAKEN = 'NODETAKEN another process runs as this node'
 -- A presence event is published by the script that made the change (when
 -- a channel prefix is given): every node hears one user's joins and
 -- leaves in the order the directory made them, whichever node made them.
@@ -656,7 +744,8 @@ end
 JOIN = (
     _DEPART
     + """
-local room, user = ARGV[4], ARGV[5]
+if not owned() then return redis.error_reply(TAKEN) end
+local room, user = ARGV[5], ARGV[6]
 local pair = room .. ' ' .. user
 if redis.call('EXISTS', p .. 'sync:' .. node) == 1 then
   redis.call('SADD', p .. 'sync:' .. node, pair)
@@ -673,7 +762,8 @@ return 0
 LEAVE = (
     _DEPART
     + """
-local room, user = ARGV[4], ARGV[5]
+if not owned() then return redis.error_reply(TAKEN) end
+local room, user = ARGV[5], ARGV[6]
 local pair = room .. ' ' .. user
 redis.call('SREM', p .. 'sync:' .. node, pair)
 if redis.call('SREM', p .. 'held:' .. node, pair) == 0 then return 0 end
@@ -688,7 +778,8 @@ return 0
 ATTACH = (
     _DEPART
     + """
-local user = ARGV[4]
+if not owned() then return redis.error_reply(TAKEN) end
+local user = ARGV[5]
 if redis.call('EXISTS', p .. 'syncusers:' .. node) == 1 then
   redis.call('SADD', p .. 'syncusers:' .. node, user)
 end
@@ -701,7 +792,8 @@ return 0
 DETACH = (
     _DEPART
     + """
-local user = ARGV[4]
+if not owned() then return redis.error_reply(TAKEN) end
+local user = ARGV[5]
 redis.call('SREM', p .. 'syncusers:' .. node, user)
 redis.call('SREM', p .. 'users:' .. node, user)
 redis.call('SREM', p .. 'user:' .. user, node)
@@ -758,7 +850,9 @@ return reply
 HEARTBEAT_SCRIPT = (
     _DEPART
     + """
-local ttl, reap, budget = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
+if not owned() then return redis.error_reply(TAKEN) end
+local ttl, reap, budget = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7])
+redis.call('SET', p .. 'owner:' .. node, token, 'PX', ttl)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nodes = p .. 'nodes'
@@ -794,19 +888,20 @@ return {fresh, redis.call('ZRANGEBYSCORE', nodes, now, '+inf'), departed, reaped
 """
 )
 
-#: A chunk of a resync: ARGV[4] is 1 for the first chunk (which starts the
+#: A chunk of a resync: ARGV[5] is 1 for the first chunk (which starts the
 #: sync sets over).  A pair the directory lacks is added silently.
 SYNC_ADD = (
     _DEPART
     + """
+if not owned() then return redis.error_reply(TAKEN) end
 local sync, syncusers = p .. 'sync:' .. node, p .. 'syncusers:' .. node
-if ARGV[4] == '1' then
+if ARGV[5] == '1' then
   redis.call('DEL', sync, syncusers)
   redis.call('SADD', sync, '')
   redis.call('SADD', syncusers, '')
 end
 if redis.call('EXISTS', sync) == 0 then return redis.error_reply('SYNCLOST') end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local item = ARGV[i]
   if string.find(item, ' ', 1, true) then
     redis.call('SADD', sync, item)
@@ -831,6 +926,7 @@ return 0
 SYNC_END = (
     _DEPART
     + """
+if not owned() then return redis.error_reply(TAKEN) end
 local sync, syncusers = p .. 'sync:' .. node, p .. 'syncusers:' .. node
 if redis.call('EXISTS', sync) == 0 then return redis.error_reply('SYNCLOST') end
 local departed = {}
@@ -857,6 +953,7 @@ return departed
 REMOVE = (
     _DEPART
     + """
+if not owned() then return redis.error_reply(TAKEN) end
 local departed = {}
 local held, users = p .. 'held:' .. node, p .. 'users:' .. node
 for _, pair in ipairs(redis.call('SMEMBERS', held)) do
@@ -871,11 +968,19 @@ for _, user in ipairs(redis.call('SMEMBERS', users)) do
 end
 redis.call('DEL', held, users, p .. 'sync:' .. node, p .. 'syncusers:' .. node)
 redis.call('ZREM', p .. 'nodes', node)
+redis.call('DEL', p .. 'owner:' .. node)
 return departed
 """
 )
 
 DEFAULT_PREFIX = "netlab:chat:presence:"
+
+
+def _nameTaken(failure: Any) -> Any:
+    error = failure.value
+    if getattr(error, "kind", None) == "NODETAKEN":
+        raise NodeNameTaken(str(error))
+    return failure
 
 
 def _text(value: Any) -> str:
@@ -913,9 +1018,10 @@ class RedisPresence(NodePresence):
         self.announces = channel is not None
 
     def _run(self, script: str, *args: Any) -> defer.Deferred[Any]:
-        return self.bus.eval(
-            script, (), [self.prefix, self.node, self.channel or "", *args]
+        running = self.bus.eval(
+            script, (), [self.prefix, self.node, self.channel or "", self.token, *args]
         )
+        return running.addErrback(_nameTaken)
 
     def _join(self, room: str, user: str) -> defer.Deferred[bool]:
         return self._run(JOIN, room, user).addCallback(lambda r: r == 1)

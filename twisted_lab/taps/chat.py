@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from twisted_lab.bus import RedisBus
@@ -97,6 +98,18 @@ def _insertBefore(parent: MultiService, child: Service, before: IService) -> Non
     services = parent.services
     services.remove(child)
     services.insert(services.index(before), child)
+
+
+def _refuse(reactor: Any) -> None:
+    """
+    Another process runs with this node's name (logged: node_name_taken):
+    this one stops, cleanly (its members told server_shutdown); the
+    directory refuses its changes, so the other's share stays whole.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 class Options(auth.Options):
@@ -219,6 +232,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             failed=StartupFailed,
         ).setServiceParent(top)
     if presence is not None:
+        presence.onConflict(lambda node: _refuse(reactor))
         # Stopped first: the node leaves the directory while the server
         # still serves; then the server closes its connections; then the
         # link publishes what was committed meanwhile and closes; then the
