@@ -379,20 +379,24 @@ class IPresence(Interface):
         """
         Call C{departed(pairs)} with the (room, user) pairs that this node
         found gone cluster-wide without a leave (a dead node reaped, a
-        resync), for this node to announce; and C{nodesGone(names)} when
-        nodes stop being alive.
+        resync), and C{nodesGone(names)} when nodes stop being alive.  A
+        directory shared by nodes (Redis) publishes the presence events of
+        those changes itself, from the script that makes them, so every node
+        hears one user's joins and leaves in the directory's order; a lone
+        node's directory publishes nothing and the node announces them.
         """
 
     def joined(room: str, user: str) -> Deferred[bool]:
         """
         This node now holds C{user} in C{room}; fires with whether the user
-        is new to the room cluster-wide (a join to announce).
+        is new to the room cluster-wide (a join, published by a shared
+        directory, announced by a lone node).
         """
 
     def left(room: str, user: str) -> Deferred[bool]:
         """
         This node no longer holds C{user} in C{room}; fires with whether
-        the user is gone from the room cluster-wide (a leave to announce).
+        the user is gone from the room cluster-wide (a leave, likewise).
         """
 
     def attached(user: str) -> Deferred[None]:
