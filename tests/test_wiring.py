@@ -42,3 +42,34 @@ class MakeServiceTests(SynchronousTestCase):
             server.privilegedStartService()
             [(port, _factory, _backlog, interface)] = reactor.tcpServers
             self.assertEqual((port, interface), (int(args[1]), "127.0.0.1"))
+
+
+#: What an Options class may define: usage's own hooks, which parse.
+PARSING = {"__init__", "postOptions", "parseArgs", "getSynopsis", "getUsage"}
+
+
+class OptionsOnlyParseTests(SynchronousTestCase):
+    """
+    Options parse; building belongs to each tap's makeService (and the
+    wiring functions of twisted_lab.runtime.server), so an Options class
+    holds no reactor, store, bus or service.
+    """
+
+    def test_optionsDefineOnlyParsingMethods(self) -> None:
+        from twisted_lab.runtime import server
+
+        classes = [server.ServerOptions, server.StoredServerOptions] + [
+            module.Options for module in (echo, identity, auth, chat)
+        ]
+        for cls in classes:
+            own = {
+                name
+                for name, value in vars(cls).items()
+                if callable(value) and not isinstance(value, type)
+            }
+            extra = {
+                name
+                for name in own
+                if name not in PARSING and not name.startswith("opt_")
+            }
+            self.assertEqual(extra, set(), cls.__qualname__)

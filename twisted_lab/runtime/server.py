@@ -517,46 +517,6 @@ class ServerOptions(usage.Options):
         else:
             self["endpoint"] = tcpDescription(self["port"], self["interface"])
 
-    def factorySettings(self, reactor: Any) -> dict[str, Any]:
-        """
-        The keyword arguments every L{ServerFactory} takes, from options,
-        with C{reactor} as the clock.
-        """
-        return {
-            "clock": reactor,
-            "maxLength": self["max-length"],
-            "idleTimeout": self["idle-timeout"] or None,
-            "headerTimeout": self["header-timeout"] or None,
-            "frameTimeout": self["frame-timeout"] or None,
-            "frameMinRate": self["frame-min-rate"] or None,
-            "maxSendQueue": self["max-send-queue"],
-            "maxConnections": self["max-connections"] or None,
-            "maxConnectionsPerAddress": self["max-connections-per-address"] or None,
-            "dataEventsPerSecond": self["data-events-per-second"] or None,
-        }
-
-    def makeNetlabService(
-        self, serviceName: str, factory: ServerFactory
-    ) -> NetlabService:
-        """
-        The L{NetlabService} these options describe, serving C{factory}.
-        """
-        return NetlabService(
-            serviceName,
-            factory,
-            self["endpoint"],
-            reactor=factory.clock,
-            portFallback=not self["no-port-fallback"],
-            portFile=self["port-file"],
-            eventLog=self["event-log"],
-            console=Console.ofStandardError(),
-            eventLogRotateLength=self["event-log-rotate-length"],
-            eventLogMaxRotated=self["event-log-max-rotated"],
-            eventLogSignal=True,
-            metrics=self["metrics"],
-            notifier=SystemdNotifier.fromEnvironment(),
-        )
-
 
 class StoredServerOptions(ServerOptions):
     """
@@ -597,36 +557,87 @@ class StoredServerOptions(ServerOptions):
                 f"--bus takes redis://host:port/db (or local), not {bus!r}"
             )
 
-    def openStore(self) -> Any:
-        """
-        The store C{--db} names (not opened yet).
-        """
-        return storeFromURL(self["db"])
 
-    def makeBus(self, reactor: Any) -> Any:
-        """
-        The bus C{--bus} names: Redis, or the in-process bus of a lone node.
-        """
-        return busFromURL(self["bus"], reactor)
+# -- wiring: what the options describe -----------------------------------------
+#
+# The options only parse; these build, from parsed options, the pieces every
+# tap's makeService assembles.
 
-    def makeStoredService(
-        self,
-        serviceName: str,
-        store: Any,
-        factory: ServerFactory,
-        bus: Any = None,
-    ) -> OrderedServices:
-        """
-        The server these options describe, on top of C{store} (and C{bus}):
-        the store opens first and closes only after the server has stopped;
-        the bus connects before the server listens and closes after it.
-        """
-        top = OrderedServices()
-        storeService = StoreService(store, factory.clock)
-        storeService.setServiceParent(top)
-        if bus is not None and IService.providedBy(bus):
-            bus.setServiceParent(top)
-        server = self.makeNetlabService(serviceName, factory)
-        server.readyWhen = lambda: whenOpened(storeService)
-        server.setServiceParent(top)
-        return top
+
+def serverSettings(config: ServerOptions, reactor: Any) -> dict[str, Any]:
+    """
+    The keyword arguments every L{ServerFactory} takes, from C{config},
+    with C{reactor} as the clock.
+    """
+    return {
+        "clock": reactor,
+        "maxLength": config["max-length"],
+        "idleTimeout": config["idle-timeout"] or None,
+        "headerTimeout": config["header-timeout"] or None,
+        "frameTimeout": config["frame-timeout"] or None,
+        "frameMinRate": config["frame-min-rate"] or None,
+        "maxSendQueue": config["max-send-queue"],
+        "maxConnections": config["max-connections"] or None,
+        "maxConnectionsPerAddress": config["max-connections-per-address"] or None,
+        "dataEventsPerSecond": config["data-events-per-second"] or None,
+    }
+
+
+def netlabService(
+    config: ServerOptions, serviceName: str, factory: ServerFactory
+) -> NetlabService:
+    """
+    The L{NetlabService} C{config} describes, serving C{factory}.
+    """
+    return NetlabService(
+        serviceName,
+        factory,
+        config["endpoint"],
+        reactor=factory.clock,
+        portFallback=not config["no-port-fallback"],
+        portFile=config["port-file"],
+        eventLog=config["event-log"],
+        console=Console.ofStandardError(),
+        eventLogRotateLength=config["event-log-rotate-length"],
+        eventLogMaxRotated=config["event-log-max-rotated"],
+        eventLogSignal=True,
+        metrics=config["metrics"],
+        notifier=SystemdNotifier.fromEnvironment(),
+    )
+
+
+def openStore(config: StoredServerOptions) -> Any:
+    """
+    The store C{--db} names (not opened yet).
+    """
+    return storeFromURL(config["db"])
+
+
+def openBus(config: StoredServerOptions, reactor: Any) -> Any:
+    """
+    The bus C{--bus} names: Redis, or the in-process bus of a lone node.
+    """
+    return busFromURL(config["bus"], reactor)
+
+
+def storedService(
+    config: StoredServerOptions,
+    serviceName: str,
+    store: Any,
+    factory: ServerFactory,
+    bus: Any = None,
+) -> OrderedServices:
+    """
+    The server C{config} describes, on top of C{store} (and C{bus}): the
+    store opens first and closes only after the server has stopped; the bus
+    connects before the server listens and closes after it.
+    """
+    top = OrderedServices()
+    storeService = StoreService(store, factory.clock)
+    storeService.setServiceParent(top)
+    if bus is not None and IService.providedBy(bus):
+        bus.setServiceParent(top)
+    server = netlabService(config, serviceName, factory)
+    server.readyWhen = lambda: whenOpened(storeService)
+    server.setServiceParent(top)
+    return top

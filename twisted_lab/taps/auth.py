@@ -21,7 +21,11 @@ from twisted_lab.codecs.message import DEFAULT_MAX_LENGTH
 from twisted_lab.runtime.server import (
     StoredServerOptions,
     nonNegativeFloat,
+    openBus,
+    openStore,
     positiveInt,
+    serverSettings,
+    storedService,
 )
 from twisted_lab.services.accounts import (
     DEFAULT_MEMORY_KIB,
@@ -130,22 +134,31 @@ class Options(StoredServerOptions):
             raise UsageError("--hash-time-cost and --hash-parallelism must be >= 1")
         super().postOptions()
 
-    def hasher(self, reactor: Any) -> PasswordHasher:
-        return PasswordHasher(
-            self["hash-memory-kib"],
-            self["hash-time-cost"],
-            self["hash-parallelism"],
-            reactor=reactor,
-        )
 
-    def authSettings(self, reactor: Any) -> dict[str, Any]:
-        return {
-            "sessionIdle": self["session-idle"],
-            "sessionMax": self["session-max"],
-            "registrationsPerHour": self["registrations-per-hour"],
-            "node": self["node"],
-            **self.factorySettings(reactor),
-        }
+def passwordHasher(config: Options, reactor: Any) -> PasswordHasher:
+    """
+    The argon2id hasher C{config} describes.
+    """
+    return PasswordHasher(
+        config["hash-memory-kib"],
+        config["hash-time-cost"],
+        config["hash-parallelism"],
+        reactor=reactor,
+    )
+
+
+def authSettings(config: Options, reactor: Any) -> dict[str, Any]:
+    """
+    The keyword arguments of an L{AuthFactory} (and a chat factory), from
+    C{config}.
+    """
+    return {
+        "sessionIdle": config["session-idle"],
+        "sessionMax": config["session-max"],
+        "registrationsPerHour": config["registrations-per-hour"],
+        "node": config["node"],
+        **serverSettings(config, reactor),
+    }
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -156,9 +169,9 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = config.openStore()
-    bus = config.makeBus(reactor)
+    store = openStore(config)
+    bus = openBus(config, reactor)
     factory = AuthFactory(
-        store, config.hasher(reactor), bus=bus, **config.authSettings(reactor)
+        store, passwordHasher(config, reactor), bus=bus, **authSettings(config, reactor)
     )
-    return config.makeStoredService("netlab-auth", store, factory, bus)
+    return storedService(config, "netlab-auth", store, factory, bus)

@@ -13,7 +13,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from twisted_lab.bus import RedisBus
-from twisted_lab.runtime.server import positiveInt
+from twisted_lab.runtime.server import openBus, openStore, positiveInt, storedService
 from twisted_lab.runtime.startup import StartupFailed
 from twisted_lab.services.chat import (
     DEFAULT_MESSAGE_BURST,
@@ -23,7 +23,7 @@ from twisted_lab.services.chat import (
 )
 from twisted_lab.services.presence import HEARTBEAT, NODE_TTL, RedisPresence
 from twisted_lab.taps import auth
-from twisted_lab.taps.auth import AuthFactory
+from twisted_lab.taps.auth import AuthFactory, authSettings, passwordHasher
 from twisted_lab.transports.web import normalizeOrigin, webService
 
 
@@ -199,8 +199,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = config.openStore()
-    bus = config.makeBus(reactor)
+    store = openStore(config)
+    bus = openBus(config, reactor)
     presence = None
     if isinstance(bus, RedisBus):
         presence = RedisPresence(
@@ -212,14 +212,14 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         )
     factory = ChatFactory(
         store,
-        config.hasher(reactor),
+        passwordHasher(config, reactor),
         messageRate=config["message-rate"],
         messageBurst=config["message-burst"],
         bus=bus,
         presence=presence,
-        **config.authSettings(reactor),
+        **authSettings(config, reactor),
     )
-    top = config.makeStoredService("netlab-chat", store, factory, bus)
+    top = storedService(config, "netlab-chat", store, factory, bus)
     server = top.services[-1]
     if config["web"]:
         # Started after the Int32 server, stopped before it.

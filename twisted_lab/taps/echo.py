@@ -10,7 +10,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python.usage import UsageError
 
-from twisted_lab.runtime.server import ServerOptions
+from twisted_lab.runtime.server import ServerOptions, netlabService, serverSettings
 from twisted_lab.transports.echo import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_PORT,
@@ -52,6 +52,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    settings = config.factorySettings(reactor)
+    settings = serverSettings(config, reactor)
     factory = EchoFactory(framing=config["framing"], **settings)
-    return config.makeNetlabService("netlab-echo", factory)
+    return netlabService(config, "netlab-echo", factory)

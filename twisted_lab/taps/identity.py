@@ -10,7 +10,12 @@ from typing import Any
 from twisted.application.service import IService
 
 from twisted_lab.codecs.message import DEFAULT_MAX_LENGTH
-from twisted_lab.runtime.server import StoredServerOptions
+from twisted_lab.runtime.server import (
+    StoredServerOptions,
+    openStore,
+    serverSettings,
+    storedService,
+)
 from twisted_lab.services.identity import DEFAULT_PORT, IdentityService
 from twisted_lab.transports.int32 import MessageFactory
 
@@ -48,6 +53,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = config.openStore()
-    factory = IdentityFactory(store, **config.factorySettings(reactor))
-    return config.makeStoredService("netlab-identity", store, factory)
+    store = openStore(config)
+    factory = IdentityFactory(store, **serverSettings(config, reactor))
+    return storedService(config, "netlab-identity", store, factory)
