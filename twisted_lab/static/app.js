@@ -509,33 +509,38 @@
     ui.registerButton.disabled = busy;
   }
 
+  // One request of the login form (login or register): the buttons wait
+  // for its answer, and an error is said under the form.
+  function credentialRequest(message, onReply) {
+    loginBusy(true);
+    ui.loginError.textContent = "";
+    const sent = request(message, {
+      onReply: (reply) => {
+        loginBusy(false);
+        onReply(reply);
+      },
+      onError: (error) => {
+        loginBusy(false);
+        ui.loginError.textContent = explain(error);
+      },
+      onLost: () => loginBusy(false),
+    });
+    if (sent === null) {
+      loginBusy(false);
+      ui.loginError.textContent = "Not connected to the server yet.";
+    }
+  }
+
   function login() {
     const { username, password } = credentials();
     if (!username || !password) {
       ui.loginError.textContent = "Enter a username and a password.";
       return;
     }
-    loginBusy(true);
-    ui.loginError.textContent = "";
-    const sent = request(
-      { type: "login", username, password },
-      {
-        onReply: (session) => {
-          loginBusy(false);
-          saved.lastUser = asText(session.username);
-          sessionStarted(session);
-        },
-        onError: (error) => {
-          loginBusy(false);
-          ui.loginError.textContent = explain(error);
-        },
-        onLost: () => loginBusy(false),
-      }
-    );
-    if (sent === null) {
-      loginBusy(false);
-      ui.loginError.textContent = "Not connected to the server yet.";
-    }
+    credentialRequest({ type: "login", username, password }, (session) => {
+      saved.lastUser = asText(session.username);
+      sessionStarted(session);
+    });
   }
 
   function register() {
@@ -544,26 +549,7 @@
       ui.loginError.textContent = "Choose a username and a password (at least 8 characters).";
       return;
     }
-    loginBusy(true);
-    ui.loginError.textContent = "";
-    const sent = request(
-      { type: "register", username, password },
-      {
-        onReply: () => {
-          loginBusy(false);
-          login();
-        },
-        onError: (error) => {
-          loginBusy(false);
-          ui.loginError.textContent = explain(error);
-        },
-        onLost: () => loginBusy(false),
-      }
-    );
-    if (sent === null) {
-      loginBusy(false);
-      ui.loginError.textContent = "Not connected to the server yet.";
-    }
+    credentialRequest({ type: "register", username, password }, () => login());
   }
 
   function logout() {
