@@ -34,6 +34,15 @@ FAST_HASH = ("--hash-memory-kib", "1024", "--hash-time-cost", "1")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
 
 
+def _interactiveSignals() -> None:
+    """
+    Give the program Ctrl-C as a shell in a terminal gives it: a test run
+    started in the background of a script (as `.ci/run &` is) inherits
+    SIGINT ignored, and Python then leaves it ignored in the program.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """
     A program on a pseudo-terminal: what it printed, raw and as text.
@@ -43,7 +52,12 @@ class Terminal:
         assert pexpect is not None
         env = dict(env, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="100")
         self.child = pexpect.spawn(
-            args[0], args[1:], env=env, dimensions=(30, 100), encoding="utf-8"
+            args[0],
+            args[1:],
+            env=env,
+            dimensions=(30, 100),
+            encoding="utf-8",
+            preexec_fn=_interactiveSignals,
         )
         self.raw = ""
 
