@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_lab.codecs.errors import ErrorCode
-from twisted_lab.codecs.framing import HEADER, MAX_FRAME, FrameReceiver, encodeFrame
+from twisted_lab.codecs.framing import FrameReceiver, encodeFrame
 from twisted_lab.codecs.message import Message, Outgoing
 from twisted_lab.dispatch import QUEUE_FULL, RequestDispatcher
 from twisted_lab.ports import IRequestChannel
@@ -146,12 +146,6 @@ class MessageProtocol(FramedServerProtocol):
         Send one message of the server's own (an error before closing).
         """
         self.send(Outgoing(message))
-
-    def sendString(self, string: bytes) -> None:
-        if len(string) > MAX_FRAME:
-            FramedServerProtocol.sendString(self, string)  # raises
-        self.factory.stats.framesSent += 1
-        self.writeSequence((HEADER.pack(len(string)), string))
 
     def closeWithError(self, code: str, message: str) -> None:
         """
