@@ -313,3 +313,40 @@ class PooledStore:
         key: the cost grows with the number of rooms, not of messages.
         """
         return self.transaction(self.engine.roomsWithHistory, limit)
+
+
+def migrate(
+    cursor: Any, migrations: Sequence[tuple[int, Sequence[str]]], placeholder: str
+) -> int:
+    """
+    Bring the database behind C{cursor} up to the newest version in
+    C{migrations} (each engine's own list), inside the caller's
+    transaction; the version it is at afterwards.  C{placeholder} is the
+    engine's parameter marker (C{?} or C{%s}).  A database newer than this
+    program is refused, never touched.
+    """
+    cursor.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+    )
+    cursor.execute("SELECT version FROM schema_version")
+    row = cursor.fetchone()
+    current = int(row[0]) if row else 0
+    if row is None:
+        cursor.execute("INSERT INTO schema_version (version) VALUES (0)")
+    newest = max((v for v, _ in migrations), default=0)
+    if current > newest:
+        raise RuntimeError(
+            f"database schema version {current} is newer than this program knows "
+            f"({newest}); refusing to touch it"
+        )
+    for version, statements in migrations:
+        if version <= current:
+            continue
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute(
+            f"UPDATE schema_version SET version = {placeholder}",  # noqa: S608
+            (version,),
+        )
+        current = version
+    return current

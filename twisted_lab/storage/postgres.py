@@ -69,7 +69,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from twisted_lab.ports import IStore
-from twisted_lab.storage.pooled import Engine, PooledStore
+from twisted_lab.storage.pooled import Engine, PooledStore, migrate
 
 T = TypeVar("T")
 
@@ -251,28 +251,7 @@ def applyMigrations(
     the later ones find the work done.
     """
     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-    cursor.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-    )
-    cursor.execute("SELECT version FROM schema_version")
-    row = cursor.fetchone()
-    current = row[0] if row else 0
-    if row is None:
-        cursor.execute("INSERT INTO schema_version (version) VALUES (0)")
-    newest = max((v for v, _ in migrations), default=0)
-    if current > newest:
-        raise RuntimeError(
-            f"database schema version {current} is newer than this program knows "
-            f"({newest}); refusing to touch it"
-        )
-    for version, statements in migrations:
-        if version <= current:
-            continue
-        for statement in statements:
-            cursor.execute(statement)
-        cursor.execute("UPDATE schema_version SET version = %s", (version,))
-        current = version
-    return int(current)
+    return migrate(cursor, migrations, "%s")
 
 
 class _Connection(adbapi.Connection):

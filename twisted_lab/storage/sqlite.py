@@ -28,7 +28,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from twisted_lab.ports import IStore
-from twisted_lab.storage.pooled import Engine, PooledStore
+from twisted_lab.storage.pooled import Engine, PooledStore, migrate
 
 DEFAULT_PATH = "netlab.sqlite3"
 
@@ -155,28 +155,7 @@ def applyMigrations(
     Bring the database up to the newest version in C{migrations}; the
     version it is at afterwards.  Runs inside one transaction.
     """
-    cursor.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-    )
-    cursor.execute("SELECT version FROM schema_version")
-    row = cursor.fetchone()
-    current = row[0] if row else 0
-    if row is None:
-        cursor.execute("INSERT INTO schema_version (version) VALUES (0)")
-    newest = max((v for v, _ in migrations), default=0)
-    if current > newest:
-        raise RuntimeError(
-            f"database schema version {current} is newer than this program knows "
-            f"({newest}); refusing to touch it"
-        )
-    for version, statements in migrations:
-        if version <= current:
-            continue
-        for statement in statements:
-            cursor.execute(statement)
-        cursor.execute("UPDATE schema_version SET version = ?", (version,))
-        current = version
-    return current
+    return migrate(cursor, migrations, "?")
 
 
 def _inTransaction(
