@@ -38,6 +38,7 @@ from tests.servicehelpers import PASSWORD, ServerHarness
 from twisted_lab.codecs import events
 from twisted_lab.codecs.message import Outgoing
 from twisted_lab.ports import IRequestChannel
+from twisted_lab.runtime.weblistener import webService
 from twisted_lab.transports.connection import ServerFactory
 from twisted_lab.transports.web import (
     CONTROL_FLOOD,
@@ -62,7 +63,6 @@ from twisted_lab.transports.web import (
     loadStaticFiles,
     normalizeOrigin,
     serviceDispatchers,
-    webService,
 )
 
 HOST = "chat.test:8080"

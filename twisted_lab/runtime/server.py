@@ -205,7 +205,7 @@ class NetlabService(service.Service):
         # before this service (the store) has, not when the port is bound.
         number = getattr(self.port.getHost(), "port", None) if self.port else None
         if self.portFile and number is not None:
-            _writeAtomically(self.portFile, f"{number}\n")
+            writePortFile(self.portFile, number)
         if self.metrics is not None:
             self.metrics.startSampling()
         address: Any = self.port.getHost() if self.port is not None else None
@@ -295,10 +295,7 @@ class NetlabService(service.Service):
             "{service} stopped", event=events.SERVER_STOPPED, service=self.name
         )
         if self.portFile:
-            try:
-                os.unlink(self.portFile)
-            except FileNotFoundError:
-                pass
+            removePortFile(self.portFile)
         if self.eventLog is not None:
             self.eventLog.stop()
         return result
@@ -352,11 +349,23 @@ def _keepAliveOnSIGUSR1() -> None:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _writeAtomically(path: str, text: str) -> None:
+def writePortFile(path: str, number: int) -> None:
+    """
+    Write C{number} to the port file C{path} at once (a reader never sees
+    it half written): what says a server is ready.
+    """
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="ascii") as f:
-        f.write(text)
+        f.write(f"{number}\n")
     os.replace(temporary, path)
+
+
+def removePortFile(path: str) -> None:
+    """
+    Remove the port file C{path}, if it is there, as a server stops.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def positiveInt(value: str) -> int:

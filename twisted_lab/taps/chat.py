@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from twisted_lab.bus import RedisBus
 from twisted_lab.runtime.server import openBus, openStore, positiveInt, storedService
-from twisted_lab.runtime.startup import StartupFailed
+from twisted_lab.runtime.weblistener import webService
 from twisted_lab.services.chat import (
     DEFAULT_MESSAGE_BURST,
     DEFAULT_MESSAGE_RATE,
@@ -24,7 +24,7 @@ from twisted_lab.services.chat import (
 from twisted_lab.services.presence import HEARTBEAT, NODE_TTL, RedisPresence
 from twisted_lab.taps import auth
 from twisted_lab.taps.auth import AuthFactory, authSettings, passwordHasher
-from twisted_lab.transports.web import normalizeOrigin, webService
+from twisted_lab.transports.web import normalizeOrigin
 
 
 def positiveFloat(value: str) -> float:
@@ -229,7 +229,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             reactor,
             config["web-origin"],
             portFile=config["web-port-file"],
-            failed=StartupFailed,
         ).setServiceParent(top)
     if presence is not None:
         presence.onConflict(lambda node: _refuse(reactor))

@@ -47,7 +47,6 @@ import binascii
 import contextlib
 import hashlib
 import itertools
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -57,12 +56,9 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import h11
-from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
-    IListeningPort,
     IProtocolNegotiationFactory,
     IReactorTime,
     ISSLTransport,
@@ -1603,99 +1599,6 @@ class WebFactory(Factory):
         return done
 
 
-class WebListenFailed(SystemExit, Exception):
-    """
-    The web listener cannot listen (the same double nature as
-    L{twisted_lab.runtime.startup.StartupFailed}: twistd's daemon mode
-    reports it, the foreground ends with its one line).
-    """
-
-
-class WebService(service.Service):
-    """
-    The web listener: binds in L{privilegedStartService} (before twistd
-    drops privileges), writes its port file once started, and on stop
-    stops listening and closes its connections.
-    """
-
-    log = Logger()
-    port: IListeningPort | None = None
-
-    def __init__(
-        self,
-        description: str,
-        factory: WebFactory,
-        reactor: Any,
-        portFile: str | None = None,
-        closeTimeout: float = 3.0,
-        serviceName: str = "netlab-chat web",
-        failed: Callable[[str], BaseException] = WebListenFailed,
-    ) -> None:
-        self.setName(serviceName)
-        self.description = description
-        self.factory = factory
-        self.reactor = reactor
-        self.portFile = portFile
-        self.closeTimeout = closeTimeout
-        self.failed = failed
-
-    def privilegedStartService(self) -> None:
-        if self.factory.server.clock is None:
-            self.factory.server.clock = self.reactor
-        outcome: list[Any] = []
-        defer.maybeDeferred(
-            lambda: serverFromString(self.reactor, self.description).listen(
-                self.factory
-            )
-        ).addBoth(outcome.append)
-        if not outcome or isinstance(outcome[0], Failure):
-            reason = (
-                outcome[0].getErrorMessage() if outcome else "did not listen at once"
-            )
-            message = f"{self.name}: {reason}: cannot listen on {self.description}"
-            self.log.critical("{message}", event=events.LISTEN_FAILED, message=message)
-            raise self.failed(message)
-        self.port = outcome[0]
-        address = self.port.getHost()
-        self.log.info(
-            "{service} listening on {interface} port {port}",
-            event=events.LISTENING,
-            service=self.name,
-            interface=getattr(address, "host", str(address)),
-            port=getattr(address, "port", None),
-        )
-        service.Service.privilegedStartService(self)
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        service.Service.startService(self)
-        number = getattr(self.port.getHost(), "port", None) if self.port else None
-        if self.portFile and number is not None:
-            temporary = f"{self.portFile}.{os.getpid()}.tmp"
-            with open(temporary, "w", encoding="ascii") as f:
-                f.write(f"{number}\n")
-            os.replace(temporary, self.portFile)
-
-    def stopService(self) -> defer.Deferred[None]:
-        service.Service.stopService(self)
-        port, self.port = self.port, None
-        d: defer.Deferred[Any] = defer.maybeDeferred(
-            port.stopListening if port is not None else lambda: None
-        )
-        d.addCallback(lambda _: self.factory.closeAll(self.closeTimeout))
-        d.addBoth(self._stopped)
-        return d
-
-    def _stopped(self, result: Any) -> Any:
-        if self.portFile:
-            try:
-                os.unlink(self.portFile)
-            except FileNotFoundError:
-                pass
-        return result
-
-
 def serviceDispatchers(server: Any) -> DispatcherFactory:
     """
     The dispatchers of a JSON server's WebSockets: the same service, request
@@ -1708,24 +1611,3 @@ def serviceDispatchers(server: Any) -> DispatcherFactory:
         return RequestDispatcher(channel, handler, server.context)
 
     return makeDispatcher
-
-
-def webService(
-    description: str,
-    server: ServerFactory,
-    reactor: Any,
-    allowedOrigins: Sequence[str] = (),
-    portFile: str | None = None,
-    failed: Callable[[str], BaseException] = WebListenFailed,
-    makeDispatcher: DispatcherFactory | None = None,
-) -> WebService:
-    """
-    The web listener of a chat server: the page and the WebSocket on
-    endpoint C{description}, its connections counted and limited by
-    C{server} (the chat server's factory, whose service answers the
-    WebSockets' requests; or C{makeDispatcher(channel)}, in tests).
-    """
-    if makeDispatcher is None:
-        makeDispatcher = serviceDispatchers(server)
-    factory = WebFactory(server, makeDispatcher, OriginPolicy(allowedOrigins), reactor)
-    return WebService(description, factory, reactor, portFile=portFile, failed=failed)
