@@ -565,13 +565,18 @@ class RevocationHintTests(Harness):
         reactor = MemoryReactorClock()
         bus = RedisBus("redis://127.0.0.1:6399/0", reactor)  # never started
         a = SessionWatch(self.store, reactor, 3600, bus=bus, node="a")
+        recorder = EventRecorder()
+        a.log = recorder.logger
         holder = Holder()
         a.hold(holder, b"S", 1e12, "alice")
         reactor.advance(POLL_SECONDS)
         self.store.revocations.append((1, b"S", "logged_out"))
         a.announce()  # fails at once (not connected): nothing raised
+        a.announce()
         reactor.advance(POLL_SECONDS)
         self.assertEqual(holder.ended, ["session_revoked"], "the poll finds it")
+        # The loss is said, once while hints keep being lost.
+        self.assertEqual(len(recorder.named(events.BUS_PUBLISH_FAILED)), 1)
 
     def test_logoutOnOneNodeReachesTheOther(self) -> None:
         """

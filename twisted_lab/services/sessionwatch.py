@@ -118,6 +118,7 @@ class SessionWatch:
         self._position: int | None = None
         self._firstHeld: float | None = None
         self._failing = False
+        self._hintFailing = False
         self._timer: IDelayedCall | None = None
         self._polling: defer.Deferred[None] | None = None
         if bus is not None:
@@ -189,11 +190,25 @@ class SessionWatch:
         """
         if self.bus is None:
             return
-        try:
-            publishing = self.bus.publish(REVOCATIONS_CHANNEL, self._me)
-        except Exception:  # noqa: BLE001 (a hint; the poll is the record)
-            return
-        publishing.addErrback(lambda _: None)
+        publishing = defer.maybeDeferred(
+            self.bus.publish, REVOCATIONS_CHANNEL, self._me
+        )
+        publishing.addCallbacks(self._hintSent, self._hintLost)
+
+    def _hintSent(self, _: object) -> None:
+        self._hintFailing = False
+
+    def _hintLost(self, failure: Any) -> None:
+        # A hint: the other nodes' next poll finds the revocation anyway.
+        # Said when hints start being lost, not for every one.
+        if not self._hintFailing:
+            self._hintFailing = True
+            self.log.warn(
+                "cannot hint other nodes of a revocation (their poll will "
+                "find it): {reason}",
+                event=events.BUS_PUBLISH_FAILED,
+                reason=failure.getErrorMessage(),
+            )
 
     def _hinted(self, payload: bytes) -> None:
         """
