@@ -1303,3 +1303,46 @@ class ChatOverWebSocketTests(ServerHarness):
         web.connection.connectionLost(connectionDone)
         self.assertNotIn(web.connection, self.factory.connections)
         self.assertEqual(self.factory.perAddress.get("127.0.0.5"), None)
+
+
+class TextFramesTests(SynchronousTestCase):
+    """
+    A broadcast's WebSocket frames are made once, by textFrames, and are
+    the frames wsproto itself would send.
+    """
+
+    def test_theFramesAreWsprotosFrames(self) -> None:
+        from wsproto import Connection as WSConnection
+        from wsproto import ConnectionType
+        from wsproto.events import TextMessage
+
+        from twisted_lab.transports.web import textFrames
+
+        server = WSConnection(ConnectionType.SERVER)
+        for size in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+            text = ("é" * (size // 2)) + ("x" * (size % 2))
+            payload = text.encode("utf-8")
+            self.assertEqual(
+                textFrames((payload,)), server.send(TextMessage(text)), size
+            )
+        two = textFrames((b'{"a":1}', b'{"b":2}'))
+        self.assertEqual(
+            two,
+            server.send(TextMessage('{"a":1}')) + server.send(TextMessage('{"b":2}')),
+        )
+
+    def test_aBroadcastIsFramedOnce(self) -> None:
+        from twisted_lab.codecs.message import Outgoing
+        from twisted_lab.transports.web import textFrames
+
+        calls = []
+
+        def counting(payloads: tuple[bytes, ...]) -> bytes:
+            calls.append(payloads)
+            return textFrames(payloads)
+
+        outgoing = Outgoing({"type": "message", "text": "hi"})
+        first = outgoing.form("ws", counting)
+        second = outgoing.form("ws", counting)
+        self.assertIs(first, second)
+        self.assertEqual(len(calls), 1)

@@ -463,8 +463,25 @@ class Dispatcher(Protocol):
 DispatcherFactory = Callable[[IRequestChannel], Dispatcher]
 
 
-def _texts(messages: tuple[bytes, ...]) -> tuple[str, ...]:
-    return tuple(m.decode("utf-8") for m in messages)
+def textFrames(payloads: tuple[bytes, ...]) -> bytes:
+    """
+    UTF-8 JSON payloads as WebSocket text frames (RFC 6455 section 5.2),
+    in one string.  A server's frames are not masked and no extension is
+    negotiated, so the frames of a broadcast are the same bytes for every
+    member: made once per L{Outgoing}, not once per connection by wsproto.
+    """
+    frames = []
+    for payload in payloads:
+        size = len(payload)
+        if size < 126:
+            header = bytes((0x81, size))
+        elif size < 1 << 16:
+            header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+        else:
+            header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+        frames.append(header)
+        frames.append(payload)
+    return b"".join(frames)
 
 
 @dataclass(frozen=True)
@@ -538,9 +555,8 @@ class WebSocketChannel:
         transport = self.transport
         if transport is None or self.closing:
             return
-        for text in outgoing.form("ws", _texts):
-            transport.sendText(text)
-            self.connection.factory.stats.framesSent += 1
+        transport.sendFrames(outgoing.form("ws", textFrames))
+        self.connection.factory.stats.framesSent += len(outgoing)
 
     def sendMessage(self, message: dict[str, Any]) -> None:
         self.send(Outgoing(message))
@@ -919,9 +935,13 @@ class WebSocketWire:
                 return  # nothing after a close is read
             # (Pong: nothing to do; its rate is the scanner's.)
 
-    def sendText(self, text: str) -> None:
+    def sendFrames(self, frames: bytes) -> None:
+        """
+        Write text frames made by L{textFrames} (shared by every member of
+        a broadcast).
+        """
         if self.open:
-            self.connection.write(self.wsproto.send(TextMessage(text)))
+            self.connection.write(frames)
 
     def sendClose(self, code: int) -> None:
         """
@@ -1293,14 +1313,19 @@ class WebConnection(ServedConnection):
             # last.  Written past the account (which is what cut it off).
             websocket.closeSent = True
             self._unaccounted(
-                lambda: websocket.transport.sendText(  # type: ignore[union-attr]
-                    encodeMessage(
-                        {
-                            "type": "error",
-                            "code": ErrorCode.SLOW_CONSUMER,
-                            "message": "you are not reading fast enough; disconnecting",
-                        }
-                    ).decode("utf-8")
+                lambda: websocket.transport.sendFrames(  # type: ignore[union-attr]
+                    textFrames(
+                        (
+                            encodeMessage(
+                                {
+                                    "type": "error",
+                                    "code": ErrorCode.SLOW_CONSUMER,
+                                    "message": "you are not reading fast enough; "
+                                    "disconnecting",
+                                }
+                            ),
+                        )
+                    )
                 )
             )
         ServedConnection.slowConsumer(self)
