@@ -20,6 +20,7 @@ reactor, waiting for replies with L{waitFor}.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +31,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from tests.helpers import EventRecorder, closeIfOpen, frames, openConnection, waitFor
 from tests.test_messages import replies
+from twisted_lab.codecs.message import Outgoing
+from twisted_lab.dispatch import RequestDispatcher
+from twisted_lab.ports import IRequestChannel
 from twisted_lab.services.accounts import PasswordHasher
 from twisted_lab.storage.memory import MemoryStore
 from twisted_lab.storage.sqlite import Store
@@ -64,6 +69,84 @@ class InlineHasher(PasswordHasher):
 
     def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
         return self.semaphore.run(defer.maybeDeferred, self._run, function, *args)
+
+
+_serials = itertools.count(1)
+
+
+@implementer(IRequestChannel)
+class RecordingChannel:
+    """
+    A connection as the dispatcher and the services see it, with no
+    transport: it keeps every L{Outgoing} it is sent, as given (so a test
+    can check that a broadcast is one object for all its members).
+    """
+
+    peer = "test"
+    outputCongested = False
+
+    def __init__(self, address: str = "127.0.0.9") -> None:
+        self.address = self.group = address
+        self.serial = next(_serials)
+        self.lost = False
+        self.closing = False
+        self.outgoing: list[Outgoing] = []
+        self.paused: set[str] = set()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for o in self.outgoing for m in o.json()]
+
+    def send(self, outgoing: Outgoing) -> None:
+        assert not self.closing, "a message sent to a closed channel"
+        self.outgoing.append(outgoing)
+
+    def pauseReading(self, reason: str) -> None:
+        self.paused.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        self.paused.discard(reason)
+
+    def closeAfterFlush(self) -> None:
+        self.closing = True
+
+
+class ChannelClient:
+    """
+    One connection to a service (any object with C{handlerFor} and
+    C{context}) through the real request dispatcher, on a
+    L{RecordingChannel}.
+    """
+
+    def __init__(self, service: Any, address: str = "127.0.0.9") -> None:
+        self.channel = RecordingChannel(address)
+        self.handler = service.handlerFor(self.channel)
+        self.dispatcher = RequestDispatcher(self.channel, self.handler, service.context)
+
+    def send(self, **request: Any) -> None:
+        self.dispatcher.requestReceived(json.dumps(request).encode())
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        """
+        Send one request; its reply (the last message sent back).
+        """
+        before = len(self.channel.messages)
+        self.send(**request)
+        got = self.channel.messages[before:]
+        assert got, f"no reply (yet) to {request}"
+        return got[-1]
+
+    def received(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.channel.messages if m["type"] == kind]
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        messages = self.channel.messages
+        return messages[-1] if messages else None
+
+    def close(self) -> None:
+        self.channel.lost = self.channel.closing = True
+        self.dispatcher.connectionLost()
 
 
 def cheapHasher(timeCost: int = 1) -> PasswordHasher:

@@ -9,8 +9,6 @@ the tests move the clock.
 
 from __future__ import annotations
 
-import itertools
-import json
 from typing import Any
 
 from twisted.internet import defer
@@ -20,13 +18,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.helpers import EventRecorder
-from tests.servicehelpers import InlineHasher
+from tests.servicehelpers import ChannelClient, InlineHasher
 from twisted_lab.bus import BusUnavailable, LocalBus
 from twisted_lab.codecs import events
-from twisted_lab.codecs.message import Outgoing
-from twisted_lab.dispatch import RequestDispatcher
 from twisted_lab.observe.metrics import ServerStats
-from twisted_lab.ports import IBus, IPresence, IRequestChannel
+from twisted_lab.ports import IBus, IPresence
 from twisted_lab.services import cluster
 from twisted_lab.services.chat import (
     CHAT_LIMITS,
@@ -56,7 +52,6 @@ from twisted_lab.storage.memory import MemoryStore
 
 PASSWORD = "password1"
 START = 1_800_000_000
-_serials = itertools.count(1)
 
 
 def row(seq: int, text: str = "") -> tuple[int, str, str, str]:
@@ -306,74 +301,21 @@ class NodeBus:
             callback()
 
 
-@implementer(IRequestChannel)
-class RecordingChannel:
-    """
-    A connection that keeps every message it is sent.
-    """
-
-    peer = "test"
-    outputCongested = False
-
-    def __init__(self, address: str) -> None:
-        self.address = self.group = address
-        self.serial = next(_serials)
-        self.lost = self.closing = False
-        self.outgoing: list[Outgoing] = []
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(m) for o in self.outgoing for m in o.json()]
-
-    def send(self, outgoing: Outgoing) -> None:
-        assert not self.closing, "a message sent to a closed channel"
-        self.outgoing.append(outgoing)
-
-    def pauseReading(self, reason: str) -> None:
-        pass
-
-    def resumeReading(self, reason: str) -> None:
-        pass
-
-    def closeAfterFlush(self) -> None:
-        self.closing = True
-
-
-class Member:
+class Member(ChannelClient):
     """
     One connection of a user to one node.
     """
 
     def __init__(self, node: ChatService, name: str) -> None:
+        super().__init__(node)
         self.node = node
         self.name = name
-        self.channel = RecordingChannel("127.0.0.9")
-        self.dispatcher = RequestDispatcher(
-            self.channel, node.handlerFor(self.channel), node.context
-        )
-
-    def send(self, **request: Any) -> None:
-        self.dispatcher.requestReceived(json.dumps(request).encode())
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        before = len(self.channel.messages)
-        self.send(**request)
-        got = self.channel.messages[before:]
-        assert got, f"no reply to {request}"
-        return got[-1]
-
-    def received(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.channel.messages if m["type"] == kind]
 
     def seqs(self, room: str = "lobby") -> list[int]:
         return [m["seq"] for m in self.received("message") if m["room"] == room]
 
     def presence(self) -> list[tuple[str, str]]:
         return [(m["user"], m["event"]) for m in self.received("presence")]
-
-    def close(self) -> None:
-        self.channel.lost = self.channel.closing = True
-        self.dispatcher.connectionLost()
 
 
 class ClusterHarness(SynchronousTestCase):

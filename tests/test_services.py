@@ -9,7 +9,6 @@ their transports and stores buys.
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
@@ -17,14 +16,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twisted_lab.codecs.message import Outgoing
-from twisted_lab.dispatch import RequestDispatcher
+from tests.servicehelpers import ChannelClient as Client
+from tests.servicehelpers import InlineHasher
 from twisted_lab.observe.metrics import ServerStats
 from twisted_lab.ports import IChatClient, IRequestChannel
-from twisted_lab.services.accounts import PasswordHasher
 from twisted_lab.services.auth import AuthService
 from twisted_lab.services.chat import ChatService
 from twisted_lab.services.context import ServerContext
@@ -32,85 +29,7 @@ from twisted_lab.services.identity import IdentityService
 from twisted_lab.services.sessionwatch import POLL_SECONDS
 from twisted_lab.storage.memory import MemoryStore
 
-_serials = itertools.count(1)
 PASSWORD = "correct horse"
-
-
-class InlineHasher(PasswordHasher):
-    """
-    The real argon2id hasher (cheapest parameters) run on the calling
-    thread: the logic around hashing is what is tested here.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(memoryKiB=8, timeCost=1, parallelism=1, reactor=None)
-
-    def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self._run, function, *args)
-
-
-@implementer(IRequestChannel)
-class RecordingChannel:
-    """
-    A connection that keeps every message it is sent, and every
-    L{Outgoing} as given (to check a broadcast is one object for all).
-    """
-
-    peer = "test"
-    outputCongested = False
-
-    def __init__(self, address: str = "127.0.0.9") -> None:
-        self.address = self.group = address
-        self.serial = next(_serials)
-        self.lost = False
-        self.closing = False
-        self.outgoing: list[Outgoing] = []
-        self.paused: set[str] = set()
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(m) for o in self.outgoing for m in o.json()]
-
-    def send(self, outgoing: Outgoing) -> None:
-        assert not self.closing, "a message sent to a closed channel"
-        self.outgoing.append(outgoing)
-
-    def pauseReading(self, reason: str) -> None:
-        self.paused.add(reason)
-
-    def resumeReading(self, reason: str) -> None:
-        self.paused.discard(reason)
-
-    def closeAfterFlush(self) -> None:
-        self.closing = True
-
-
-class Client:
-    """
-    One connection to a service: its channel, handler and dispatcher.
-    """
-
-    def __init__(self, service: Any, address: str = "127.0.0.9") -> None:
-        self.channel = RecordingChannel(address)
-        self.handler = service.handlerFor(self.channel)
-        self.dispatcher = RequestDispatcher(self.channel, self.handler, service.context)
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        """
-        Send one request; its reply (the last message sent back).
-        """
-        before = len(self.channel.messages)
-        self.dispatcher.requestReceived(json.dumps(request).encode())
-        got = self.channel.messages[before:]
-        assert got, f"no reply to {request}"
-        return got[-1]
-
-    def received(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.channel.messages if m["type"] == kind]
-
-    def close(self) -> None:
-        self.channel.lost = self.channel.closing = True
-        self.dispatcher.connectionLost()
 
 
 class ServiceHarness(SynchronousTestCase):

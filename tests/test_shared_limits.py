@@ -12,8 +12,6 @@ two real nodes: L{tests.test_shared_limits_e2e}.
 
 from __future__ import annotations
 
-import itertools
-import json
 from typing import Any
 
 from twisted.internet import defer
@@ -24,14 +22,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.helpers import EventRecorder
+from tests.servicehelpers import ChannelClient as Client
+from tests.servicehelpers import InlineHasher
 from twisted_lab.bus import BusUnavailable, LocalBus, RedisBus
 from twisted_lab.bus.throttles import RedisThrottles
 from twisted_lab.codecs import events
-from twisted_lab.codecs.message import Outgoing
-from twisted_lab.dispatch import RequestDispatcher
 from twisted_lab.observe.metrics import ServerStats
-from twisted_lab.ports import IRequestChannel, IThrottleBackend
-from twisted_lab.services.accounts import PasswordHasher
+from twisted_lab.ports import IThrottleBackend
 from twisted_lab.services.auth import (
     ACCOUNT_FREE_FAILURES,
     ACCOUNT_THROTTLE,
@@ -57,79 +54,21 @@ from twisted_lab.taps.auth import AuthFactory
 from twisted_lab.taps.chat import ChatFactory
 
 PASSWORD = "correct horse"
-_serials = itertools.count(1)
 
 
-class CountingHasher(PasswordHasher):
+class CountingHasher(InlineHasher):
     """
     Real argon2id (cheapest parameters) on the calling thread, counting
     the password checks it makes.
     """
 
     def __init__(self) -> None:
-        super().__init__(memoryKiB=8, timeCost=1, parallelism=1, reactor=None)
+        super().__init__()
         self.checks = 0
-
-    def _inThread(self, function: Any, *args: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self._run, function, *args)
 
     def verify(self, password: str, stored: str | None) -> Any:
         self.checks += 1
         return super().verify(password, stored)
-
-
-@implementer(IRequestChannel)
-class Channel:
-    peer = "test"
-    outputCongested = False
-
-    def __init__(self, address: str) -> None:
-        self.address = self.group = address
-        self.serial = next(_serials)
-        self.lost = self.closing = False
-        self.outgoing: list[Outgoing] = []
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(m) for o in self.outgoing for m in o.json()]
-
-    def send(self, outgoing: Outgoing) -> None:
-        self.outgoing.append(outgoing)
-
-    def pauseReading(self, reason: str) -> None:
-        pass
-
-    def resumeReading(self, reason: str) -> None:
-        pass
-
-    def closeAfterFlush(self) -> None:
-        self.closing = True
-
-
-class Client:
-    """
-    One connection to a service, through the real request dispatcher.
-    """
-
-    def __init__(self, service: AuthService, address: str = "127.0.0.9") -> None:
-        self.channel = Channel(address)
-        self.handler = service.handlerFor(self.channel)
-        self.dispatcher = RequestDispatcher(self.channel, self.handler, service.context)
-
-    def send(self, **request: Any) -> None:
-        self.dispatcher.requestReceived(json.dumps(request).encode())
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        before = len(self.channel.messages)
-        self.send(**request)
-        got = self.channel.messages[before:]
-        assert got, f"no reply (yet) to {request}"
-        return got[-1]
-
-    @property
-    def last(self) -> dict[str, Any] | None:
-        messages = self.channel.messages
-        return messages[-1] if messages else None
 
 
 @implementer(IThrottleBackend)
