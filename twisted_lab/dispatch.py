@@ -96,9 +96,8 @@ class RequestDispatcher:
         self._busy = False
         self._draining = False
         self._stopped = False
-        work = handler.greeting
-        if type(handler).greeting is not RequestHandler.greeting:
-            self._enqueue(_Work(work))
+        if handler.greeting is not None:
+            self._enqueue(_Work(handler.greeting))
 
     # -- what the transport calls --------------------------------------------------
 

@@ -9,6 +9,7 @@ which transport that is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from twisted_lab.codecs.message import Message, Outgoing, RequestError, Schema
@@ -43,12 +44,9 @@ class RequestHandler:
     def peer(self) -> str:
         return str(self.channel.peer)
 
-    def greeting(self) -> Any:
-        """
-        Work to run before the first request (which may return a Deferred),
-        or L{None}.
-        """
-        return None
+    #: Work to run before the first request (a callable that may return a
+    #: Deferred: a greeting that needs the store), or L{None}.
+    greeting: Callable[[], Any] | None = None
 
     def rateKey(self) -> str | None:
         """
